@@ -1,0 +1,9 @@
+"""hybrid-lora: fused Triton LoRA with a runtime rank, for continual DyLoRA fine-tuning of GPT-2."""
+
+from . import reference
+from .function import fused_lora
+from .layer import LoRAConv1D, inject_lora, lora_layers, set_rank
+
+__version__ = "0.1.0"
+
+__all__ = ["fused_lora", "LoRAConv1D", "inject_lora", "lora_layers", "set_rank", "reference", "__version__"]

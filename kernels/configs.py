@@ -1,0 +1,80 @@
+"""Launch settings shared by the kernels: autotune configs and the rank bucket.
+
+Autotuning is collapsed to one small config under ``TRITON_INTERPRET=1`` so
+that the CPU interpreter stays quick; on a GPU the configs cover Hopper (large
+tiles, deep pipelines for wgmma) and Ampere (smaller tiles, fewer stages).
+"""
+
+import os
+
+import triton
+
+# The rank is a runtime argument. Kernels tile it in chunks of RANK_BLOCK
+# columns, where RANK_BLOCK is a compile-time constant taken from the bucket of
+# the rank (16, 32 or 64): every rank inside a bucket reuses one compiled
+# kernel, and ranks above 64 loop over 64-wide chunks.
+MIN_RANK_BLOCK = 16  # tl.dot needs every dimension >= 16
+MAX_RANK_BLOCK = 64
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def rank_block(rank: int) -> int:
+    """The compile-time rank chunk for a runtime ``rank``: next power of two, clamped to [16, 64]."""
+    return min(MAX_RANK_BLOCK, max(MIN_RANK_BLOCK, triton.next_power_of_2(rank)))
+
+
+def _config(num_warps, num_stages, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def _interpreter_config(**blocks):
+    return [triton.Config(blocks, num_warps=1, num_stages=1)]
+
+
+def gemm_configs():
+    """Tiles for the frozen-weight GEMMs (forward Y and backward dX): BLOCK_M x BLOCK_N, reducing BLOCK_K."""
+    if interpreter_enabled():
+        return _interpreter_config(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+    return [
+        # Hopper: 128-row tiles map onto one warpgroup-wide wgmma; 8 warps, deep pipelines.
+        _config(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _config(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _config(4, 5, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        # Ampere and small M: fewer stages fit in shared memory.
+        _config(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    ]
+
+
+def down_configs():
+    """Tiles for the skinny products S = D(X) A and dS = dY B^T: BLOCK_M rows, reducing BLOCK_K."""
+    if interpreter_enabled():
+        return _interpreter_config(BLOCK_M=16, BLOCK_K=16)
+    return [
+        _config(4, 4, BLOCK_M=64, BLOCK_K=128),
+        _config(4, 3, BLOCK_M=128, BLOCK_K=64),
+        _config(8, 3, BLOCK_M=128, BLOCK_K=128),
+        _config(4, 4, BLOCK_M=64, BLOCK_K=64),
+        _config(4, 3, BLOCK_M=32, BLOCK_K=128),
+    ]
+
+
+def weight_grad_configs():
+    """Tiles for dA and dB: BLOCK_C output columns (K for dA, N for dB), reducing BLOCK_M rows."""
+    if interpreter_enabled():
+        return _interpreter_config(BLOCK_C=16, BLOCK_M=16)
+    return [
+        _config(4, 4, BLOCK_C=128, BLOCK_M=64),
+        _config(4, 3, BLOCK_C=128, BLOCK_M=128),
+        _config(8, 3, BLOCK_C=256, BLOCK_M=64),
+        _config(4, 4, BLOCK_C=64, BLOCK_M=128),
+        _config(4, 4, BLOCK_C=64, BLOCK_M=64),
+    ]

@@ -1,0 +1,275 @@
+"""Backward of the fused LoRA layer: dX, dA[:, :r] and dB[:r, :] (W and b are frozen).
+
+With S = D(X) A_r, Y = X W + b + s S B_r and upstream gradient dY:
+    dS = s dY B_r^T                      [M, r]   ``_lora_grad_s_kernel``
+    dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
+    dA_r = D(X)^T dS                     [K, r]   ``_lora_grad_weight_kernel``
+    dB_r = s S^T dY                      [r, N]   ``_lora_grad_weight_kernel``
+where D^T(G) = G * keep / (1 - p) applies the same regenerated dropout mask.
+dA and dB reduce over all M rows; they are split over row chunks into fp32
+partial sums (deterministic, no atomics) so that enough programs run.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import down_configs, gemm_configs, rank_block, weight_grad_configs
+from .dropout import keep_mask
+from .lora_forward import dot_precision
+
+
+@triton.autotune(configs=down_configs(), key=["M", "N", "BLOCK_R"])
+@triton.jit(do_not_specialize=["rank"])
+def _lora_grad_s_kernel(
+    # pointers
+    dy_ptr, b_ptr, ds_ptr,
+    # sizes and scalars
+    M, N, rank, scale,
+    # strides
+    stride_dym, stride_dyn, stride_br, stride_bn, stride_dsm, stride_dsr,
+    # meta-parameters
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dS[m, j] = scale * sum_n dY[m, n] B[j, n] for j < rank.
+
+    dY: [M, N], B: [R, N], dS: [M, rank]. BLOCK_K tiles the reduction over N.
+    Grid: (cdiv(M, BLOCK_M), cdiv(rank, BLOCK_R)).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < rank
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        cols = n0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + ranks[None, :] * stride_br + cols[:, None] * stride_bn,
+                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(dy.dtype)
+        acc = tl.dot(dy, b_t, acc, input_precision=DOT_PRECISION)
+    tl.store(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+             (acc * scale).to(ds_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
+@triton.jit(do_not_specialize=["rank", "seed"])
+def _fused_grad_x_kernel(
+    # pointers
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
+    # sizes and scalars
+    M, N, K, rank, seed, dropout_p, keep_scale,
+    # strides
+    stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr,
+    stride_ak, stride_ar, stride_dxm, stride_dxk,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX = dY W^T + D^T(dS A[:, :rank]^T).
+
+    dY: [M, N], W: [K, N], dS: [M, rank], A: [K, R], dX: [M, K]. The output
+    tile is BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),), grouped by GROUP_M row tiles.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_N)
+    group_size = GROUP_M * num_pid_k
+    first_pid_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = (first_pid_m + (pid % group_size) % group_m).to(tl.int64)
+    pid_k = (pid % group_size) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    k_ok = ks < K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        n_ok = ns < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + ks[None, :] * stride_wk + ns[:, None] * stride_wn,
+                      mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(dy, w_t, acc, input_precision=DOT_PRECISION)
+
+    # The dropout mask multiplies only the LoRA path, so with dropout the LoRA
+    # term needs its own accumulator; without it, it joins the main one.
+    if HAS_DROPOUT:
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        lora = acc
+    for r0 in range(0, rank, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        a_t = tl.load(a_ptr + ks[None, :] * stride_ak + ranks[:, None] * stride_ar,
+                      mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
+        lora = tl.dot(ds, a_t, lora, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = keep_mask(seed, rows, ks, K, dropout_p)
+        acc += tl.where(keep, lora * keep_scale, 0.0)
+    else:
+        acc = lora
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(configs=weight_grad_configs(), key=["M", "C", "BLOCK_R"])
+@triton.jit(do_not_specialize=["rank", "seed"])
+def _lora_grad_weight_kernel(
+    # pointers
+    u_ptr, g_ptr, out_ptr,
+    # sizes and scalars
+    M, C, rank, rows_per_split, seed, dropout_p, scale,
+    # strides
+    stride_um, stride_uc, stride_gm, stride_gr, stride_os, stride_oc, stride_or,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Partial[split, c, j] = scale * sum_{m in split} D(U)[m, c] G[m, j] for j < rank.
+
+    One kernel serves both adapter gradients:
+      dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, rank], dropout on U;
+      dB_r^T = s dY^T S     with U = dY [M, N] (C = N), G = S  [M, rank], no dropout.
+    Row split `split` covers rows [split * rows_per_split, (split + 1) * rows_per_split).
+    Output: fp32 partial sums [SPLITS, C, rank] (strided), summed by the launcher.
+    Grid: (cdiv(C, BLOCK_C), cdiv(rank, BLOCK_R), SPLITS).
+    """
+    pid_c = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    split = tl.program_id(2).to(tl.int64)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c_ok = cs < C
+    rank_ok = ranks < rank
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        u_t = tl.load(u_ptr + cs[:, None] * stride_uc + rows[None, :] * stride_um,
+                      mask=c_ok[:, None] & row_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rows, cs, C, dropout_p)  # [BLOCK_M, BLOCK_C]
+            u_t = tl.where(tl.trans(keep), u_t, 0.0)
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(u_t.dtype)
+        acc = tl.dot(u_t, g, acc, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + split * stride_os + cs[:, None] * stride_oc + ranks[None, :] * stride_or,
+             acc * scale, mask=c_ok[:, None] & rank_ok[None, :])
+
+
+def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
+    """Split the M reduction of a weight gradient so that about four waves of programs run."""
+    if device.type == "cuda":
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 4
+    splits = max(1, min(triton.cdiv(M, 256), triton.cdiv(programs, tiles)))
+    rows_per_split = triton.cdiv(M, splits)
+    return triton.cdiv(M, rows_per_split), rows_per_split
+
+
+def _weight_grad(u, g, rank, scale, dropout_p, seed, out_dtype, out_rows, transpose_out):
+    """sum_m scale * D(U)[m, :]^T G[m, :rank] via the split kernel, as a zero-padded gradient.
+
+    Returns [C, out_rows] (dA layout) or, with transpose_out, [out_rows, C] (dB layout),
+    with zeros past `rank`.
+    """
+    M, C = u.shape
+    block_r = rank_block(rank)
+    tiles = triton.cdiv(C, 128) * triton.cdiv(rank, block_r)
+    splits, rows_per_split = _row_splits(M, tiles, u.device)
+    partial = torch.empty((splits, C, rank), dtype=torch.float32, device=u.device)
+
+    def grid(meta):
+        return (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rank, block_r), splits)
+
+    _lora_grad_weight_kernel[grid](
+        u, g, partial,
+        M, C, rank, rows_per_split, seed, dropout_p, scale,
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=block_r,
+    )
+    grad_r = partial.sum(0) if splits > 1 else partial[0]  # [C, rank]
+    if transpose_out:
+        grad = torch.zeros((out_rows, C), dtype=out_dtype, device=u.device)
+        grad[:rank].copy_(grad_r.t())
+    else:
+        grad = torch.zeros((C, out_rows), dtype=out_dtype, device=u.device)
+        grad[:, :rank].copy_(grad_r)
+    return grad
+
+
+def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
+                  needs_grad_x=True, needs_grad_a=True, needs_grad_b=True):
+    """Launch the backward. Inputs are already validated by the caller.
+
+    grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, rank] from the
+    forward; weight: [K, N]; lora_a: [K, R]; lora_b: [R, N].
+    Returns (dX [M, K] or None, dA [K, R] or None, dB [R, N] or None); dA and dB
+    have the adapters' dtypes and are zero past `rank`.
+    """
+    M, K = x.shape
+    N = weight.shape[1]
+    R = lora_a.shape[1]
+    grad_x = grad_a = grad_b = None
+    if M == 0:
+        if needs_grad_x:
+            grad_x = torch.zeros_like(x)
+        if needs_grad_a:
+            grad_a = torch.zeros_like(lora_a)
+        if needs_grad_b:
+            grad_b = torch.zeros_like(lora_b)
+        return grad_x, grad_a, grad_b
+    block_r = rank_block(rank)
+    precision = dot_precision(x.dtype)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+
+    grad_s = None
+    if needs_grad_x or needs_grad_a:
+        grad_s = torch.empty((M, rank), dtype=x.dtype, device=x.device)
+
+        def s_grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
+
+        _lora_grad_s_kernel[s_grid](
+            grad_y, lora_b, grad_s,
+            M, N, rank, scale,
+            grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
+            grad_s.stride(0), grad_s.stride(1),
+            DOT_PRECISION=precision, BLOCK_R=block_r,
+        )
+
+    if needs_grad_x:
+        grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)
+
+        def x_grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+        _fused_grad_x_kernel[x_grid](
+            grad_y, weight, grad_s, lora_a, grad_x,
+            M, N, K, rank, seed, dropout_p, keep_scale,
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            grad_s.stride(0), grad_s.stride(1), lora_a.stride(0), lora_a.stride(1),
+            grad_x.stride(0), grad_x.stride(1),
+            HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=precision, BLOCK_R=block_r,
+        )
+
+    if needs_grad_a:
+        grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, lora_a.dtype, R, transpose_out=False)
+    if needs_grad_b:
+        grad_b = _weight_grad(grad_y, s_down, rank, scale, 0.0, 0, lora_b.dtype, R, transpose_out=True)
+    return grad_x, grad_a, grad_b

@@ -1,0 +1,170 @@
+"""Forward of the fused LoRA layer: Y = X W + b + s * D(X) A[:, :r] B[:r, :].
+
+Two launches, so that the down-projection is computed once and not once per
+output tile:
+1. ``_lora_down_kernel``: S = D(X) A[:, :r], a skinny [M, r] product (memory
+   bound: it reads X once). S is kept for the backward.
+2. ``_fused_forward_kernel``: the frozen GEMM X W, whose reduction loop
+   continues over the rank with S and s * B, then the bias: one pass over Y.
+   This is the reduction ``[X | S] @ [W ; s B]`` of length K + r.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import down_configs, gemm_configs, rank_block
+from .dropout import keep_mask
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: tf32 for fp32 inputs only where torch allows it, as torch's own matmul."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@triton.autotune(configs=down_configs(), key=["M", "K", "BLOCK_R"])
+@triton.jit(do_not_specialize=["rank", "seed"])
+def _lora_down_kernel(
+    # pointers
+    x_ptr, a_ptr, s_ptr,
+    # sizes and scalars
+    M, K, rank, seed, dropout_p, keep_scale,
+    # strides
+    stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """S[m, j] = sum_k D(X)[m, k] A[k, j] for j < rank.
+
+    X: [M, K], A: [K, R] (R >= rank), S: [M, rank]. D(X) = X * keep / (1 - p).
+    Grid: (cdiv(M, BLOCK_M), cdiv(rank, BLOCK_R)).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < rank
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(seed, rows, cols, K, dropout_p), x, 0.0)
+        # Adapters may be fp32 while X is bf16 (autocast): compute in X's dtype.
+        a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
+                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        # 1 / (1 - p) once on the accumulator instead of on every X element.
+        acc = acc * keep_scale
+    tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+             acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
+@triton.jit(do_not_specialize=["rank"])
+def _fused_forward_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
+    # sizes and scalars
+    M, N, K, rank, scale,
+    # strides
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
+    stride_br, stride_bn, stride_ym, stride_yn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = X W + bias + scale * S B[:rank, :].
+
+    X: [M, K], W: [K, N], bias: [N], S: [M, rank], B: [R, N], Y: [M, N].
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
+    so that neighbouring programs share W tiles in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_pid_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = (first_pid_m + (pid % group_size) % group_m).to(tl.int64)
+    pid_n = (pid % group_size) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    # The LoRA term continues the same reduction over the rank. The scale goes
+    # on B in fp32 before its cast, so it adds no rounding step.
+    for r0 in range(0, rank, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        b = (b.to(tl.float32) * scale).to(s.dtype)
+        acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
+    """Launch the fused forward. Inputs are already validated by the caller.
+
+    x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
+    lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
+    Returns (Y [M, N], S [M, rank]), both in x's dtype.
+    """
+    M, K = x.shape
+    N = weight.shape[1]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    s_down = torch.empty((M, rank), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, s_down
+    block_r = rank_block(rank)
+    precision = dot_precision(x.dtype)
+    has_dropout = dropout_p > 0.0
+    keep_scale = 1.0 / (1.0 - dropout_p)
+
+    def down_grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
+
+    _lora_down_kernel[down_grid](
+        x, lora_a, s_down,
+        M, K, rank, seed, dropout_p, keep_scale,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s_down.stride(0), s_down.stride(1),
+        HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=block_r,
+    )
+
+    def gemm_grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fused_forward_kernel[gemm_grid](
+        x, weight, bias if bias is not None else y, s_down, lora_b, y,
+        M, N, K, rank, scale,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,
+    )
+    return y, s_down
