@@ -1,0 +1,28 @@
+"""Test setup: the Triton interpreter on machines without CUDA, and one tolerance table.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set
+here, at collection, before any test module imports hybrid_lora.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Absolute and relative tolerances per compute dtype, for kernel-vs-fp64-reference comparisons.
+# fp16/bf16 round inputs and outputs to 11/8 mantissa bits; the reductions accumulate in fp32.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=1e-1, rtol=5e-2),
+}
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return torch.device(request.param)
