@@ -13,9 +13,11 @@ import operator
 import torch
 
 from . import reference
-from .backend import select_backend
+from .backend import forced_backend, select_backend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels accumulate in fp32, so fp64 runs on the PyTorch path.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class FusedLoRAFunction(torch.autograd.Function):
@@ -106,8 +108,9 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
 
     Under ``torch.autocast``, x, W and b are cast to the autocast dtype; A and B
     keep their dtype and their gradients come back in it.
-    Runs the Triton kernels on CUDA (or the CPU with ``TRITON_INTERPRET=1``),
-    else the PyTorch path; ``HYBRID_LORA_BACKEND`` forces one.
+    Runs the Triton kernels on CUDA (or the CPU with ``TRITON_INTERPRET=1``)
+    for fp16, bf16 and fp32, else the PyTorch path (fp64 always takes it);
+    ``HYBRID_LORA_BACKEND`` forces one.
     """
     rank = operator.index(rank)
     scale, dropout_p = float(scale), float(dropout_p)
@@ -121,10 +124,17 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
 
+    backend = select_backend(x.device)
+    if backend == "triton" and x.dtype not in _TRITON_DTYPES:
+        if forced_backend() == "triton":
+            raise ValueError(f"fused_lora: HYBRID_LORA_BACKEND=triton but x has dtype {x.dtype}; "
+                             f"the kernels take {_TRITON_DTYPES}")
+        backend = "torch"
+
     out_shape = x.shape[:-1] + (weight.shape[1],)
     x2d = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        if select_backend(x.device) == "triton":
+        if backend == "triton":
             y = FusedLoRAFunction.apply(x2d, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
         else:
             y = _torch_path(x2d, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)

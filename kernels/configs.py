@@ -9,10 +9,12 @@ import os
 
 import triton
 
-# The rank is a runtime argument. Kernels tile it in chunks of RANK_BLOCK
-# columns, where RANK_BLOCK is a compile-time constant taken from the bucket of
-# the rank (16, 32 or 64): every rank inside a bucket reuses one compiled
-# kernel, and ranks above 64 loop over 64-wide chunks.
+# The rank is a runtime argument. Kernels tile it in chunks of BLOCK_R columns,
+# a compile-time constant taken from the bucket of the rank (16, 32 or 64):
+# every rank inside a bucket reuses one compiled kernel, and ranks above 64
+# loop over 64-wide chunks. Integer arguments that follow the rank (the rank
+# itself, the row stride of S and dS) are marked do_not_specialize, or Triton
+# would compile again for rank 1 and for ranks divisible by 16.
 MIN_RANK_BLOCK = 16  # tl.dot needs every dimension >= 16
 MAX_RANK_BLOCK = 64
 

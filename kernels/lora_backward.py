@@ -20,7 +20,7 @@ from .lora_forward import dot_precision
 
 
 @triton.autotune(configs=down_configs(), key=["M", "N", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank"])
+@triton.jit(do_not_specialize=["rank", "stride_dsm"])
 def _lora_grad_s_kernel(
     # pointers
     dy_ptr, b_ptr, ds_ptr,
@@ -56,7 +56,7 @@ def _lora_grad_s_kernel(
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank", "seed"])
+@triton.jit(do_not_specialize=["rank", "seed", "stride_dsm"])
 def _fused_grad_x_kernel(
     # pointers
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
@@ -123,7 +123,7 @@ def _fused_grad_x_kernel(
 
 
 @triton.autotune(configs=weight_grad_configs(), key=["M", "C", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank", "seed"])
+@triton.jit(do_not_specialize=["rank", "seed", "stride_gm", "stride_os", "stride_oc"])
 def _lora_grad_weight_kernel(
     # pointers
     u_ptr, g_ptr, out_ptr,

@@ -25,7 +25,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.autotune(configs=down_configs(), key=["M", "K", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank", "seed"])
+@triton.jit(do_not_specialize=["rank", "seed", "stride_sm"])
 def _lora_down_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr,
@@ -68,7 +68,7 @@ def _lora_down_kernel(
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank"])
+@triton.jit(do_not_specialize=["rank", "stride_sm"])
 def _fused_forward_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
