@@ -1,0 +1,111 @@
+"""Changing the rank while training: DyLoRA's sampled rank per step, and a rank schedule per epoch.
+
+DyLoRA (Valipour et al., EACL 2023, and its official code): each step draws
+b ~ Uniform{1..r} and trains the truncated adapter A[:, :b], B[:b, :] with
+scale alpha / b. In 'frozen' mode (what the official code runs) components
+0..b-2 are detached, so only component b-1 learns from that step; in 'full'
+mode all b components do. One b is drawn per step and shared by all layers.
+
+A rank schedule cuts the adapter at the start of an epoch: ``truncate_adapters``
+keeps the leading components and the optimizer state that belongs to them, so
+AdamW's moments survive the cut (an option resets them, for comparison).
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+DYLORA_MODES = ("off", "frozen", "full")
+
+
+def check_rank_schedule(schedule, r_max, epochs):
+    """Raise unless `schedule` is a non-increasing sequence of ranks in [1, r_max], no longer than `epochs`."""
+    schedule = tuple(schedule)
+    if len(schedule) > epochs:
+        raise ValueError(f"rank schedule {schedule} has {len(schedule)} entries; expected at most {epochs} "
+                         "(one per epoch)")
+    for rank in schedule:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+            raise ValueError(f"rank schedule {schedule}: rank {rank!r} is outside [1, {r_max}] (r_max)")
+    if any(later > earlier for earlier, later in zip(schedule, schedule[1:])):
+        raise ValueError(f"rank schedule {schedule}: expected non-increasing ranks (a cut adapter cannot grow)")
+    return schedule
+
+
+def scheduled_rank(schedule, epoch):
+    """The rank for 0-based `epoch`: schedule[epoch], the last entry after the schedule ends, None if empty."""
+    if not schedule:
+        return None
+    return schedule[min(epoch, len(schedule) - 1)]
+
+
+class RankSampler:
+    """Draws DyLoRA's b ~ Uniform{1..r} from its own seeded generator (on the CPU: no device sync)."""
+
+    def __init__(self, seed):
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def sample(self, rank):
+        if rank < 1:
+            raise ValueError(f"RankSampler.sample: rank {rank}; expected >= 1")
+        return int(torch.randint(1, rank + 1, (1,), generator=self.generator))
+
+
+@contextmanager
+def active_rank(layers, rank):
+    """Run the layers at `rank` inside the block and give them back their ranks after it, even on error."""
+    previous = [layer.rank for layer in layers]
+    try:
+        for layer in layers:
+            layer.set_rank(rank)
+        yield
+    finally:
+        for layer, r in zip(layers, previous):
+            layer.set_rank(r)
+
+
+@torch.no_grad()
+def freeze_leading_grads(layers, sampled_rank):
+    """DyLoRA 'frozen' mode after backward: zero the gradient of components 0..b-2 of every layer.
+
+    Equal to detaching those components in the forward, since a gradient is all
+    they would have received; components past b-1 got none from the step anyway.
+    """
+    frozen = sampled_rank - 1
+    if frozen <= 0:
+        return
+    for layer in layers:
+        if layer.lora_a.grad is not None:
+            layer.lora_a.grad[:, :frozen].zero_()
+        if layer.lora_b.grad is not None:
+            layer.lora_b.grad[:frozen].zero_()
+
+
+def truncate_adapters(layers, rank, optimizer=None, reset_state=False):
+    """Cut every layer to its leading `rank` components (r_max becomes `rank`), carrying the optimizer along.
+
+    The optimizer's per-parameter tensors shaped like a parameter (AdamW's
+    exp_avg, exp_avg_sq, max_exp_avg_sq) are cut the same way; scalars such as
+    the step count stay. ``reset_state`` drops the state of the cut parameters
+    instead. Returns the number of adapter parameters left.
+    """
+    for layer in layers:
+        if not 1 <= rank <= layer.r_max:
+            raise ValueError(f"truncate_adapters: rank {rank} is outside [1, {layer.r_max}] (the layer's r_max)")
+    for layer in layers:
+        old_shapes = {layer.lora_a: layer.lora_a.shape, layer.lora_b: layer.lora_b.shape}
+        layer.truncate_(rank)
+        if optimizer is None:
+            continue
+        # A is [in, r_max]: components are columns; B is [r_max, out]: components are rows.
+        for param, dim in ((layer.lora_a, 1), (layer.lora_b, 0)):
+            if param not in optimizer.state:
+                continue
+            if reset_state:
+                del optimizer.state[param]
+                continue
+            state = optimizer.state[param]
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == old_shapes[param]:
+                    state[key] = value.narrow(dim, 0, rank).contiguous()
+    return sum(layer.lora_a.numel() + layer.lora_b.numel() for layer in layers)

@@ -1,0 +1,132 @@
+"""The ordering penalty and the domain-correlation loss against plain dense formulas in fp64."""
+
+import pytest
+import torch
+
+from hybrid_lora import LoRAConv1D
+from hybrid_lora.regularizers import adapter_inner, domain_correlation, order_penalty, snapshot_adapters
+
+
+def random_layers(count=3, in_features=7, out_features=5, r_max=6, seed=0, dtype=torch.float64):
+    """Layers with random, non-zero A and B (a fresh adapter has B = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(count):
+        weight = torch.randn(in_features, out_features, generator=generator, dtype=dtype)
+        layer = LoRAConv1D(weight, torch.zeros(out_features, dtype=dtype), r_max=r_max, alpha=3.0)
+        with torch.no_grad():
+            layer.lora_a.copy_(torch.randn(in_features, r_max, generator=generator, dtype=dtype))
+            layer.lora_b.copy_(torch.randn(r_max, out_features, generator=generator, dtype=dtype))
+        layers.append(layer)
+    return layers
+
+
+def dense_update(layer):
+    """delta_W = s A[:, :r] B[:r, :], formed explicitly."""
+    r = layer.rank
+    return layer.scale * layer.lora_a[:, :r] @ layer.lora_b[:r]
+
+
+def test_order_penalty_is_the_weighted_sum_of_norm_products_at_the_active_rank():
+    layers = random_layers()
+    layers[0].set_rank(4)
+    layers[1].set_rank(1)  # a single component is the most important one: weight 0
+    expected = 0.0
+    for layer in layers:
+        r = layer.rank
+        for i in range(r):
+            weight = i / (r - 1) if r > 1 else 0.0
+            expected += weight * layer.lora_a[:, i].norm().item() * layer.lora_b[i].norm().item()
+    got = order_penalty(layers)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - expected) <= 1e-5 * abs(expected)
+
+
+def test_order_penalty_charges_a_late_component_more_than_an_early_one():
+    layer = random_layers(count=1, r_max=4)[0]
+    with torch.no_grad():
+        layer.lora_b.zero_()
+        layer.lora_b[0] = 1.0
+    early = order_penalty([layer]).item()
+    with torch.no_grad():
+        layer.lora_b.zero_()
+        layer.lora_b[3] = 1.0
+        layer.lora_a[:, 3] = layer.lora_a[:, 0]
+    late = order_penalty([layer]).item()
+    assert early == 0.0
+    assert late > 0.0
+
+
+def test_order_penalty_gradient_is_zero_not_nan_on_a_fresh_adapter():
+    layer = LoRAConv1D(torch.randn(7, 5), torch.zeros(5), r_max=4)  # B = 0
+    order_penalty([layer]).backward()
+    assert torch.equal(layer.lora_a.grad, torch.zeros_like(layer.lora_a))
+    assert torch.equal(layer.lora_b.grad, torch.zeros_like(layer.lora_b))
+
+
+def test_adapter_inner_equals_the_frobenius_product_of_dense_updates_of_different_ranks():
+    generator = torch.Generator().manual_seed(1)
+    a1, b1 = torch.randn(9, 3, generator=generator, dtype=torch.float64), torch.randn(3, 11, generator=generator,
+                                                                                     dtype=torch.float64)
+    a2, b2 = torch.randn(9, 5, generator=generator, dtype=torch.float64), torch.randn(5, 11, generator=generator,
+                                                                                     dtype=torch.float64)
+    dense = ((0.5 * a1 @ b1) * (2.0 * a2 @ b2)).sum()
+    torch.testing.assert_close(adapter_inner(a1, b1, 0.5, a2, b2, 2.0), dense, atol=1e-12, rtol=1e-12)
+
+
+def test_domain_correlation_matches_the_dense_cosine_after_a_rank_cut_and_has_its_gradient():
+    layers = random_layers()
+    snapshot = snapshot_adapters(layers)
+    dense_prev = torch.cat([dense_update(layer).flatten() for layer in layers]).detach()
+    # Move on from the snapshot and cut the rank: the factors no longer line up
+    # element by element, the update matrices still do.
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_b.add_(0.3 * torch.randn_like(layer.lora_b))
+    for layer in layers:
+        layer.truncate_(3)
+    got = domain_correlation(layers, snapshot)
+    got.backward()
+    got_grads = [(layer.lora_a.grad.clone(), layer.lora_b.grad.clone()) for layer in layers]
+
+    for layer in layers:
+        layer.lora_a.grad = layer.lora_b.grad = None
+    dense_cur = torch.cat([dense_update(layer).flatten() for layer in layers])
+    expected = 1.0 - torch.nn.functional.cosine_similarity(dense_prev, dense_cur, dim=0)
+    expected.backward()
+    assert abs(got.item() - expected.item()) <= 1e-5
+    assert expected.item() > 1e-3  # the test is about a real difference, not cos = 1
+    for (grad_a, grad_b), layer in zip(got_grads, layers):
+        assert grad_a.abs().max() > 0
+        torch.testing.assert_close(grad_a, layer.lora_a.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(grad_b, layer.lora_b.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_domain_correlation_is_zero_for_the_same_update_however_its_rank_is_split():
+    layers = random_layers(count=2, r_max=4)
+    snapshot = snapshot_adapters(layers)
+    with torch.no_grad():
+        for layer in layers:
+            # Permute the components and scale A up, B down: delta_W is unchanged.
+            order = torch.tensor([2, 0, 3, 1])
+            layer.lora_a.copy_(3.0 * layer.lora_a[:, order])
+            layer.lora_b.copy_(layer.lora_b[order] / 3.0)
+    assert abs(domain_correlation(layers, snapshot).item()) <= 1e-6
+
+
+def test_snapshot_of_a_fresh_adapter_is_refused():
+    layer = LoRAConv1D(torch.randn(7, 5), torch.zeros(5), r_max=4)
+    with pytest.raises(ValueError, match="squared norm is 0"):
+        snapshot_adapters([layer])
+
+
+def test_domain_correlation_refuses_other_layers():
+    layers = random_layers(count=2)
+    snapshot = snapshot_adapters(layers)
+    with pytest.raises(ValueError, match="2 layers but a snapshot of 1"):
+        domain_correlation(layers, snapshot[:1])
+    other = random_layers(count=2, in_features=8)
+    with pytest.raises(ValueError, match="expected the same layer"):
+        domain_correlation(other, snapshot)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        order_penalty([])
