@@ -1,10 +1,12 @@
 """Backward of the fused LoRA layer: dX, dA[:, :r] and dB[:r, :] (W and b are frozen).
 
-With S = D(X) A_r, Y = X W + b + s S B_r and upstream gradient dY:
-    dS = s dY B_r^T                      [M, r]   ``_lora_grad_s_kernel``
-    dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
-    dA_r = D(X)^T dS                     [K, r]   ``_lora_grad_weight_kernel``
-    dB_r = s S^T dY                      [r, N]   ``_lora_grad_weight_kernel``
+With S = s D(X) A_r saved by the forward (scale included), Y = X W + b + S B_r
+and upstream gradient dY:
+    dG = s dY B_r^T                      [M, r]   ``_lora_grad_s_kernel``
+    dX = dY W^T + D^T(dG A_r^T)          [M, K]   ``_fused_grad_x_kernel``
+    dA_r = D(X)^T dG                     [K, r]   ``_lora_grad_weight_kernel``
+    dB_r = S^T dY                        [r, N]   ``_lora_grad_weight_kernel``
+(dG is the gradient with respect to the unscaled D(X) A_r).
 where D^T(G) = G * keep / (1 - p) applies the same regenerated dropout mask.
 dA and dB reduce over all M rows; they are split over row chunks into fp32
 partial sums (deterministic, no atomics) so that enough programs run.
@@ -105,7 +107,7 @@ def _fused_grad_x_kernel(
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         lora = acc
-    for r0 in range(0, rank, BLOCK_R):
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):  # short: not pipelined
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
         ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
@@ -139,7 +141,7 @@ def _lora_grad_weight_kernel(
 
     One kernel serves both adapter gradients:
       dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, rank], dropout on U;
-      dB_r^T = s dY^T S     with U = dY [M, N] (C = N), G = S  [M, rank], no dropout.
+      dB_r^T = dY^T S       with U = dY [M, N] (C = N), G = S  [M, rank] (scaled), no dropout.
     Row split `split` covers rows [split * rows_per_split, (split + 1) * rows_per_split).
     Output: fp32 partial sums [SPLITS, C, rank] (strided), summed by the launcher.
     Grid: (cdiv(C, BLOCK_C), cdiv(rank, BLOCK_R), SPLITS).
@@ -217,8 +219,8 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
                   needs_grad_x=True, needs_grad_a=True, needs_grad_b=True):
     """Launch the backward. Inputs are already validated by the caller.
 
-    grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, rank] from the
-    forward; weight: [K, N]; lora_a: [K, R]; lora_b: [R, N].
+    grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, rank], the
+    scaled S from the forward; weight: [K, N]; lora_a: [K, R]; lora_b: [R, N].
     Returns (dX [M, K] or None, dA [K, R] or None, dB [R, N] or None); dA and dB
     have the adapters' dtypes and are zero past `rank`.
     """
@@ -271,5 +273,5 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
     if needs_grad_a:
         grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, lora_a.dtype, R, transpose_out=False)
     if needs_grad_b:
-        grad_b = _weight_grad(grad_y, s_down, rank, scale, 0.0, 0, lora_b.dtype, R, transpose_out=True)
+        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, 0, lora_b.dtype, R, transpose_out=True)
     return grad_x, grad_a, grad_b

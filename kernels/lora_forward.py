@@ -2,11 +2,12 @@
 
 Two launches, so that the down-projection is computed once and not once per
 output tile:
-1. ``_lora_down_kernel``: S = D(X) A[:, :r], a skinny [M, r] product (memory
-   bound: it reads X once). S is kept for the backward.
+1. ``_lora_down_kernel``: S = s D(X) A[:, :r], a skinny [M, r] product (memory
+   bound: it reads X once). S, with the scale folded in, is kept for the
+   backward.
 2. ``_fused_forward_kernel``: the frozen GEMM X W, whose reduction loop
-   continues over the rank with S and s * B, then the bias: one pass over Y.
-   This is the reduction ``[X | S] @ [W ; s B]`` of length K + r.
+   continues over the rank with S and B, then the bias: one pass over Y.
+   This is the reduction ``[X | S] @ [W ; B]`` of length K + r.
 """
 
 import torch
@@ -30,16 +31,17 @@ def _lora_down_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr,
     # sizes and scalars
-    M, K, rank, seed, dropout_p, keep_scale,
+    M, K, rank, seed, dropout_p, out_scale,
     # strides
     stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """S[m, j] = sum_k D(X)[m, k] A[k, j] for j < rank.
+    """S[m, j] = out_scale * sum_k D(X)[m, k] A[k, j] for j < rank.
 
-    X: [M, K], A: [K, R] (R >= rank), S: [M, rank]. D(X) = X * keep / (1 - p).
+    X: [M, K], A: [K, R] (R >= rank), S: [M, rank]. D(X) = X * keep / (1 - p), and
+    out_scale = s / (1 - p) carries both the LoRA scale and the dropout rescaling.
     Grid: (cdiv(M, BLOCK_M), cdiv(rank, BLOCK_R)).
     """
     pid_m = tl.program_id(0).to(tl.int64)
@@ -60,9 +62,8 @@ def _lora_down_kernel(
         a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
-    if HAS_DROPOUT:
-        # 1 / (1 - p) once on the accumulator instead of on every X element.
-        acc = acc * keep_scale
+    # The scales go once on the accumulator instead of on every element.
+    acc = acc * out_scale
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
              acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -73,7 +74,7 @@ def _fused_forward_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     # sizes and scalars
-    M, N, K, rank, scale,
+    M, N, K, rank,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
     stride_br, stride_bn, stride_ym, stride_yn,
@@ -81,9 +82,9 @@ def _fused_forward_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y = X W + bias + scale * S B[:rank, :].
+    """Y = X W + bias + S B[:rank, :].
 
-    X: [M, K], W: [K, N], bias: [N], S: [M, rank], B: [R, N], Y: [M, N].
+    X: [M, K], W: [K, N], bias: [N], S: [M, rank] (already scaled), B: [R, N], Y: [M, N].
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
     so that neighbouring programs share W tiles in L2.
     """
@@ -111,16 +112,16 @@ def _fused_forward_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
-    # The LoRA term continues the same reduction over the rank. The scale goes
-    # on B in fp32 before its cast, so it adds no rounding step.
-    for r0 in range(0, rank, BLOCK_R):
+    # The LoRA term continues the same reduction over the rank. It is one or
+    # two steps long, so it is not software-pipelined (that would only cost
+    # shared memory).
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
         s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         b = tl.load(b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        b = (b.to(tl.float32) * scale).to(s.dtype)
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(s.dtype)
         acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -134,7 +135,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
 
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
     lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
-    Returns (Y [M, N], S [M, rank]), both in x's dtype.
+    Returns (Y [M, N], S = scale * D(X) A[:, :rank] [M, rank]), both in x's dtype.
     """
     M, K = x.shape
     N = weight.shape[1]
@@ -145,14 +146,13 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     block_r = rank_block(rank)
     precision = dot_precision(x.dtype)
     has_dropout = dropout_p > 0.0
-    keep_scale = 1.0 / (1.0 - dropout_p)
 
     def down_grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
 
     _lora_down_kernel[down_grid](
         x, lora_a, s_down,
-        M, K, rank, seed, dropout_p, keep_scale,
+        M, K, rank, seed, dropout_p, scale / (1.0 - dropout_p),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s_down.stride(0), s_down.stride(1),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
@@ -162,7 +162,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
 
     _fused_forward_kernel[gemm_grid](
         x, weight, bias if bias is not None else y, s_down, lora_b, y,
-        M, N, K, rank, scale,
+        M, N, K, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,
