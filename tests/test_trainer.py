@@ -1,0 +1,247 @@
+"""The continual training engine on a tiny GPT-2 and two toy domains that conflict.
+
+Domain "plus1" continues a sequence by +1 (mod V), domain "plus5" by +5, over
+the same tokens: learning the second overwrites the first, so forgetting is
+measurable in seconds. Everything runs the PyTorch path except one test that
+runs the Triton kernels (under the interpreter on a CPU).
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import hybrid_lora
+from hybrid_lora import dynamic_rank, trainer
+from hybrid_lora.metrics import causal_lm_loss, model_logits
+from hybrid_lora.regularizers import domain_correlation, order_penalty, snapshot_adapters
+from hybrid_lora.trainer import TrainConfig, VARIANTS, load_model, run_continual, variant_config
+
+VOCAB, LENGTH, WIDTH, LAYERS = 16, 12, 32, 1
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+
+
+def tiny_gpt2(seed=0, dropout=0.1):
+    """dropout: GPT-2's own (embedding, attention, residual), active whenever the model trains."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
+                                      bos_token_id=0, eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
+                                      attn_pdrop=dropout))
+
+
+def tiny_lora_model(r_max=8, seed=0, model_dropout=0.1, **lora):
+    model = tiny_gpt2(seed, model_dropout)
+    hybrid_lora.inject_lora(model, r_max=r_max, **lora)
+    return model
+
+
+def rule_domain(name, step, n_train, n_eval, seed):
+    """(name, train, eval) of sequences x_{t+1} = x_t + step (mod V), right-padded to random lengths."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def examples(n):
+        ids = (torch.randint(0, VOCAB, (n, 1), generator=generator) + step * torch.arange(LENGTH)) % VOCAB
+        lengths = torch.randint(LENGTH // 2, LENGTH + 1, (n,), generator=generator)
+        mask = (torch.arange(LENGTH) < lengths[:, None]).long()
+        labels = ids.masked_fill(mask == 0, -100)
+        return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
+
+    return name, examples(n_train), examples(n_eval)
+
+
+def adapter_tensors(model):
+    return [t.detach().clone() for layer in hybrid_lora.lora_layers(model) for t in (layer.lora_a, layer.lora_b)]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r_max", 0, "r_max=0; expected an integer >= 1"),
+    ("epochs", 1.5, "epochs=1.5; expected an integer >= 1"),
+    ("lr", float("nan"), "lr=nan; expected a finite number > 0"),
+    ("lambda_dc", -0.1, "lambda_dc=-0.1; expected a finite number >= 0"),
+    ("lora_dropout", 1.0, r"lora_dropout=1.0; expected a probability in \[0, 1\)"),
+    ("dylora", "sometimes", "dylora='sometimes'; expected one of"),
+    ("dtype", "float16", "dtype='float16'; expected one of"),
+    ("rank_schedule", (64, 128, 16), r"rank 128 is outside \[1, 64\]"),
+    ("sweep_ranks", (0,), r"rank 0 is outside \[1, 64\]"),
+])
+def test_config_names_the_bad_value(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_defaults_are_the_original_settings_and_variants_switch_the_two_methods():
+    config = TrainConfig()
+    assert (config.model_name, config.r_max, config.alpha, config.lora_dropout) == ("gpt2", 64, 32.0, 0.05)
+    assert (config.batch_size, config.epochs, config.lr, config.weight_decay) == (8, 3, 5e-5, 0.01)
+    assert (config.lambda_order, config.lambda_dc, config.rank_schedule) == (1e-4, 0.1, (64, 32, 16))
+    assert config.seed == 42 and config.dylora == "frozen"
+    lora_only, dc_only = variant_config("lora_only"), variant_config("dc_only")
+    assert (lora_only.lambda_order, lora_only.lambda_dc, lora_only.dylora, lora_only.rank_schedule) == (0, 0, "off", ())
+    assert (dc_only.lambda_order, dc_only.lambda_dc, dc_only.dylora) == (0, 0.1, "off")
+    assert variant_config("dy_only").lambda_dc == 0 and variant_config("dy_only").rank_schedule == (64, 32, 16)
+    assert variant_config("hybrid", lr=1e-3).lr == 1e-3
+    assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid"}
+    with pytest.raises(ValueError, match="unknown variant 'dylora'"):
+        variant_config("dylora")
+
+
+@pytest.mark.slow
+def test_two_domains_with_every_method_on(torch_path, monkeypatch):
+    cuts = []
+
+    def recording_truncate(layers, rank, optimizer=None, reset_state=False):
+        cuts.append((rank, optimizer, reset_state))
+        return dynamic_rank.truncate_adapters(layers, rank, optimizer, reset_state)
+
+    monkeypatch.setattr(trainer, "truncate_adapters", recording_truncate)
+    model = tiny_lora_model(r_max=8, alpha=8.0, dropout=0.05)
+    config = variant_config("hybrid", r_max=8, alpha=8.0, epochs=2, rank_schedule=(8, 4), dylora="full", lr=3e-2,
+                            sweep_ranks=(2, 8), log_every=2)
+    domains = [rule_domain("plus1", 1, 16, 8, seed=1), rule_domain("plus5", 5, 16, 8, seed=2)]
+    logged = []
+    result = run_continual(model, domains, config, log=logged.append)
+
+    assert logged == result["history"]
+    epochs = [row for row in result["history"] if row["kind"] == "epoch"]
+    steps = [row for row in result["history"] if row["kind"] == "step"]
+    assert [(r["stage"], r["epoch"], r["rank"]) for r in epochs] == [(0, 0, 8), (0, 1, 8), (1, 0, 8), (1, 1, 4)]
+    assert [r["trainable_params"] for r in epochs] == [LAYERS * r * (WIDTH + 3 * WIDTH) for r in (8, 8, 8, 4)]
+    assert len(steps) == 4 and all(r["step"] == 2 for r in steps)  # 16 examples / 8 = 2 steps per epoch
+    assert all(r["order_penalty"] > 0 for r in epochs)  # in the first stage too
+    assert [r["domain_correlation"] is None for r in epochs] == [True, True, False, False]
+    assert all(0 < r["domain_correlation"] < 2 for r in epochs[2:])
+    assert all(r["tokens"] > 0 and r["seconds"] > 0 for r in epochs)
+
+    # One cut, at the start of stage 1's second epoch, carrying that stage's optimizer.
+    assert len(cuts) == 1 and cuts[0][0] == 4 and cuts[0][2] is False
+    assert isinstance(cuts[0][1], torch.optim.AdamW)
+    assert all(layer.r_max == 4 for layer in hybrid_lora.lora_layers(model))
+
+    assert result["domains"] == ["plus1", "plus5"]
+    assert len(result["initial"]) == 2
+    assert len(result["accuracy"]) == 2 and all(len(row) == 2 for row in result["accuracy"])
+    assert result["accuracy"][0][0] == epochs[1]["eval_accuracy"]
+    assert result["retention"] == [result["accuracy"][1][0] / result["accuracy"][0][0]]
+    assert result["loss_change"] == [result["loss"][1][0] - result["loss"][0][0]]
+    sweep = {s["stage"]: s["by_rank"] for s in result["rank_sweep"]}
+    assert set(sweep[0]) == {2, 8} and set(sweep[1]) == {2}  # rank 8 no longer exists after the cut
+    assert sweep[0][8]["loss"] == result["loss"][0][0]
+    json.dumps(result)
+
+
+@pytest.mark.slow
+def test_learning_then_forgetting_is_measured_right_after_each_stage(torch_path):
+    config = variant_config("lora_only", r_max=8, alpha=8.0, epochs=2, lr=5e-2, lora_dropout=0.0, log_every=0)
+    plus1, plus5 = rule_domain("plus1", 1, 32, 16, seed=1), rule_domain("plus5", 5, 32, 16, seed=2)
+    both = run_continual(tiny_lora_model(alpha=8.0), [plus1, plus5], config)
+    first_only = run_continual(tiny_lora_model(alpha=8.0), [plus1], config)
+
+    # Domain A's "after its stage" figures are taken before the second stage runs.
+    assert both["loss"][0][0] == pytest.approx(first_only["loss"][0][0], rel=1e-6)
+    assert both["accuracy"][0][0] == first_only["accuracy"][0][0]
+    assert both["loss"][0][0] < both["initial"][0]["loss"] - 0.1  # stage 0 learned plus1
+    assert both["loss"][1][1] < both["initial"][1]["loss"] - 0.1  # stage 1 learned plus5
+    assert both["loss_change"][0] > 0.05  # and forgot some of plus1
+    assert both["retention"][0] < 0.8
+
+
+def reference_run(model, domains, config):
+    """The objective of every stage written out in a plain loop: one batch per epoch, fixed rank, no dropout."""
+    layers = hybrid_lora.lora_layers(model)
+    snapshot = None
+    for _, train, _ in domains:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        batch = torch.utils.data.default_collate(train)
+        for _ in range(config.epochs):
+            loss = causal_lm_loss(model_logits(model, batch), batch["labels"])
+            loss = loss + config.lambda_order * order_penalty(layers)
+            if snapshot is not None:
+                loss = loss + config.lambda_dc * domain_correlation(layers, snapshot)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        snapshot = snapshot_adapters(layers)
+
+
+def test_each_stage_minimises_ce_plus_ordering_plus_domain_correlation(torch_path):
+    config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, batch_size=8, epochs=3, lr=1e-2, weight_decay=0.01,
+                         lambda_order=0.5, lambda_dc=5.0, dylora="off", rank_schedule=(), log_every=0)
+    model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+    with torch.no_grad():  # a non-zero B, so that the ordering penalty pulls from the first step
+        for layer in hybrid_lora.lora_layers(model):
+            layer.lora_b.normal_(0.0, 0.05)
+    expected = copy.deepcopy(model)
+    domains = [rule_domain("plus1", 1, 8, 4, seed=1), rule_domain("plus5", 5, 8, 4, seed=2)]
+    run_continual(model, domains, config)
+    reference_run(expected, domains, config)
+    for got, want in zip(adapter_tensors(model), adapter_tensors(expected)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode, moved_rows", [("frozen", [2]), ("full", [0, 1, 2])])
+def test_dylora_first_step_trains_the_components_its_mode_says(torch_path, monkeypatch, mode, moved_rows):
+    monkeypatch.setattr(dynamic_rank.RankSampler, "sample", lambda self, rank: 3)
+    model = tiny_lora_model(r_max=6, alpha=6.0)  # B = 0, so the first step moves B only
+    config = TrainConfig(r_max=6, alpha=6.0, lora_dropout=0.0, epochs=1, lr=1e-2, weight_decay=0.0,
+                         lambda_order=0.0, lambda_dc=0.0, dylora=mode, rank_schedule=(), log_every=0)
+    before = adapter_tensors(model)
+    run_continual(model, [rule_domain("plus1", 1, 8, 4, seed=1)], config)
+    for layer, a_before in zip(hybrid_lora.lora_layers(model), before[::2]):
+        assert torch.equal(layer.lora_a.detach(), a_before)
+        moved = [i for i in range(6) if layer.lora_b[i].abs().max() > 0]
+        assert moved == moved_rows
+        assert layer.rank == 6  # the sampled rank is for the step only
+
+
+@pytest.mark.slow
+def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
+    from hybrid_lora.backend import select_backend
+
+    monkeypatch.delenv("HYBRID_LORA_BACKEND", raising=False)
+    if select_backend(torch.device("cpu")) != "triton":
+        pytest.skip("Triton cannot run here: no triton, or TRITON_INTERPRET is not set on a CPU-only machine")
+    config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, epochs=1, eval_batch_size=4, lr=1e-2,
+                         lambda_order=1e-2, dylora="off", rank_schedule=(), log_every=0, device="cpu")
+    domain = rule_domain("plus1", 1, 8, 4, seed=1)
+    kernels = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+    plain = copy.deepcopy(kernels)
+    with_kernels = run_continual(kernels, [domain], config)
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+    with_torch = run_continual(plain, [domain], config)
+    assert with_kernels["history"][0]["train_loss"] == pytest.approx(with_torch["history"][0]["train_loss"], rel=1e-5)
+    assert with_kernels["loss"][0][0] == pytest.approx(with_torch["loss"][0][0], rel=1e-5)
+    for got, want in zip(adapter_tensors(kernels), adapter_tensors(plain)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    model = load_model(TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0, device="cpu"))
+    layers = hybrid_lora.lora_layers(model)
+    assert len(layers) == LAYERS and all(layer.r_max == 4 and layer.scale == 2.0 for layer in layers)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == LAYERS * 4 * (WIDTH + 3 * WIDTH)
+    assert next(model.parameters()).device == torch.device("cpu")
+
+
+def test_run_continual_names_what_is_wrong(torch_path):
+    config = TrainConfig(r_max=4, rank_schedule=(), log_every=0)
+    domain = rule_domain("plus1", 1, 8, 4, seed=1)
+    with pytest.raises(ValueError, match="no domains given"):
+        run_continual(tiny_lora_model(r_max=4), [], config)
+    with pytest.raises(ValueError, match="holds no LoRAConv1D"):
+        run_continual(tiny_gpt2(), [domain], config)
+    with pytest.raises(ValueError, match=r"width \[8\]; expected config.r_max=4"):
+        run_continual(tiny_lora_model(r_max=8), [domain], config)
+    with pytest.raises(ValueError, match=r"expected a \(name, train_examples, eval_examples\) triple"):
+        run_continual(tiny_lora_model(r_max=4), [domain[:2]], config)
+    with pytest.raises(ValueError, match="'empty': the train set is empty"):
+        run_continual(tiny_lora_model(r_max=4), [("empty", [], domain[2])], config)
