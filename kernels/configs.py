@@ -50,7 +50,6 @@ def gemm_configs():
         _config(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
         _config(4, 5, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         # Ampere and small M: fewer stages fit in shared memory.
-        _config(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
         _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     ]
@@ -65,7 +64,6 @@ def down_configs():
         _config(4, 3, BLOCK_M=128, BLOCK_K=64),
         _config(8, 3, BLOCK_M=128, BLOCK_K=128),
         _config(4, 4, BLOCK_M=64, BLOCK_K=64),
-        _config(4, 3, BLOCK_M=32, BLOCK_K=128),
     ]
 
 

@@ -2,11 +2,11 @@
 
 With S = s D(X) A_r saved by the forward (scale included), Y = X W + b + S B_r
 and upstream gradient dY:
-    dG = s dY B_r^T                      [M, r]   ``_lora_grad_s_kernel``
-    dX = dY W^T + D^T(dG A_r^T)          [M, K]   ``_fused_grad_x_kernel``
-    dA_r = D(X)^T dG                     [K, r]   ``_lora_grad_weight_kernel``
+    dS = s dY B_r^T                      [M, r]   ``_lora_grad_s_kernel``
+    dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
+    dA_r = D(X)^T dS                     [K, r]   ``_lora_grad_weight_kernel``
     dB_r = S^T dY                        [r, N]   ``_lora_grad_weight_kernel``
-(dG is the gradient with respect to the unscaled D(X) A_r).
+(dS is the gradient with respect to the unscaled product D(X) A_r).
 where D^T(G) = G * keep / (1 - p) applies the same regenerated dropout mask.
 dA and dB reduce over all M rows; they are split over row chunks into fp32
 partial sums (deterministic, no atomics) so that enough programs run.
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .configs import down_configs, gemm_configs, rank_block, weight_grad_configs
-from .dropout import keep_mask
+from .dropout import drop_threshold, keep_mask
 from .lora_forward import dot_precision
 
 
@@ -63,7 +63,7 @@ def _fused_grad_x_kernel(
     # pointers
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
     # sizes and scalars
-    M, N, K, rank, seed, dropout_p, keep_scale,
+    M, N, K, rank, seed, threshold, keep_scale,
     # strides
     stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr,
     stride_ak, stride_ar, stride_dxm, stride_dxk,
@@ -91,7 +91,21 @@ def _fused_grad_x_kernel(
     row_ok = rows < M
     k_ok = ks < K
 
+    # The LoRA term comes first: the dropout mask multiplies only this part, so
+    # masking it before the main reduction needs one accumulator, not two, and
+    # the Philox registers are free again before the long loop starts.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):  # short: not pipelined
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < rank
+        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        a_t = tl.load(a_ptr + ks[None, :] * stride_ak + ranks[:, None] * stride_ar,
+                      mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
+        acc = tl.dot(ds, a_t, acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = tl.where(keep_mask(seed, rows, pid_k * BLOCK_N, K, threshold, BLOCK_N), acc * keep_scale, 0.0)
+
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
         n_ok = ns < N
@@ -100,26 +114,6 @@ def _fused_grad_x_kernel(
         w_t = tl.load(w_ptr + ks[None, :] * stride_wk + ns[:, None] * stride_wn,
                       mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(dy, w_t, acc, input_precision=DOT_PRECISION)
-
-    # The dropout mask multiplies only the LoRA path, so with dropout the LoRA
-    # term needs its own accumulator; without it, it joins the main one.
-    if HAS_DROPOUT:
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        lora = acc
-    for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):  # short: not pipelined
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < rank
-        ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
-                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a_t = tl.load(a_ptr + ks[None, :] * stride_ak + ranks[:, None] * stride_ar,
-                      mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
-        lora = tl.dot(ds, a_t, lora, input_precision=DOT_PRECISION)
-    if HAS_DROPOUT:
-        keep = keep_mask(seed, rows, ks, K, dropout_p)
-        acc += tl.where(keep, lora * keep_scale, 0.0)
-    else:
-        acc = lora
     tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
@@ -130,7 +124,7 @@ def _lora_grad_weight_kernel(
     # pointers
     u_ptr, g_ptr, out_ptr,
     # sizes and scalars
-    M, C, rank, rows_per_split, seed, dropout_p, scale,
+    M, C, rank, rows_per_split, seed, threshold, scale,
     # strides
     stride_um, stride_uc, stride_gm, stride_gr, stride_os, stride_oc, stride_or,
     # meta-parameters
@@ -146,7 +140,7 @@ def _lora_grad_weight_kernel(
     Output: fp32 partial sums [SPLITS, C, rank] (strided), summed by the launcher.
     Grid: (cdiv(C, BLOCK_C), cdiv(rank, BLOCK_R), SPLITS).
     """
-    pid_c = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     split = tl.program_id(2).to(tl.int64)
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -160,14 +154,14 @@ def _lora_grad_weight_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
-        u_t = tl.load(u_ptr + cs[:, None] * stride_uc + rows[None, :] * stride_um,
-                      mask=c_ok[:, None] & row_ok[None, :], other=0.0)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + cs[None, :] * stride_uc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, cs, C, dropout_p)  # [BLOCK_M, BLOCK_C]
-            u_t = tl.where(tl.trans(keep), u_t, 0.0)
+            u = tl.where(keep_mask(seed, rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), u, 0.0)
         g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(u_t.dtype)
-        acc = tl.dot(u_t, g, acc, input_precision=DOT_PRECISION)
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(u.dtype)
+        # The transpose is a view of the tile in shared memory, not a copy.
+        acc = tl.dot(tl.trans(u), g, acc, input_precision=DOT_PRECISION)
     tl.store(out_ptr + split * stride_os + cs[:, None] * stride_oc + ranks[None, :] * stride_or,
              acc * scale, mask=c_ok[:, None] & rank_ok[None, :])
 
@@ -200,7 +194,7 @@ def _weight_grad(u, g, rank, scale, dropout_p, seed, out_dtype, out_rows, transp
 
     _lora_grad_weight_kernel[grid](
         u, g, partial,
-        M, C, rank, rows_per_split, seed, dropout_p, scale,
+        M, C, rank, rows_per_split, seed, drop_threshold(dropout_p), scale,
         u.stride(0), u.stride(1), g.stride(0), g.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=block_r,
@@ -263,7 +257,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
 
         _fused_grad_x_kernel[x_grid](
             grad_y, weight, grad_s, lora_a, grad_x,
-            M, N, K, rank, seed, dropout_p, keep_scale,
+            M, N, K, rank, seed, drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             grad_s.stride(0), grad_s.stride(1), lora_a.stride(0), lora_a.stride(1),
             grad_x.stride(0), grad_x.stride(1),

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import down_configs, gemm_configs, rank_block
-from .dropout import keep_mask
+from .dropout import drop_threshold, keep_mask
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -31,7 +31,7 @@ def _lora_down_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr,
     # sizes and scalars
-    M, K, rank, seed, dropout_p, out_scale,
+    M, K, rank, seed, threshold, out_scale,
     # strides
     stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
     # meta-parameters
@@ -57,7 +57,7 @@ def _lora_down_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rows, cols, K, dropout_p), x, 0.0)
+            x = tl.where(keep_mask(seed, rows, k0, K, threshold, BLOCK_K), x, 0.0)
         # Adapters may be fp32 while X is bf16 (autocast): compute in X's dtype.
         a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
@@ -152,7 +152,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
 
     _lora_down_kernel[down_grid](
         x, lora_a, s_down,
-        M, K, rank, seed, dropout_p, scale / (1.0 - dropout_p),
+        M, K, rank, seed, drop_threshold(dropout_p), scale / (1.0 - dropout_p),
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s_down.stride(0), s_down.stride(1),
         HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
