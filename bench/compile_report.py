@@ -39,7 +39,7 @@ SM90_REGISTERS_PER_SM = 65536
 MAX_REGISTERS_PER_THREAD = 255
 GPT2 = dict(M=8192, K=768, N=2304)
 
-COLUMNS = ["kernel", "role", "dtype", "block_r", "dropout", "used_by", "config", "num_warps", "num_stages",
+COLUMNS = ["kernel", "role", "dtype", "adapter_dtype", "block_r", "dropout", "used_by", "config", "num_warps", "num_stages",
            "registers", "local_bytes", "stack_bytes", "spill_instructions", "static_shared_bytes",
            "dynamic_shared_bytes", "can_launch", "hgmma", "hmma", "compile_s", "status", "target", "triton",
            "ptxas", "kernels_sha256", "commit", "date"]
@@ -117,6 +117,7 @@ class Job:
     config_indices: list
     first_fit: bool  # stop at the first config that can launch
     used_by: list = field(default_factory=list)
+    adapter_dtype: str = ""  # dtype of A and B; empty: the compute dtype
 
 
 def _config_text(config) -> str:
@@ -149,8 +150,12 @@ def chosen_configs(path) -> dict:
     return chosen
 
 
-def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None) -> list:
-    """The distinct compiles: one Job per (kernel, JIT specialization), over ranks, dtypes and dropouts."""
+def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_dtypes=(None,), target=None,
+         device="cpu") -> list:
+    """The distinct compiles: one Job per (kernel, JIT specialization), over ranks, dtypes and dropouts.
+
+    adapter_dtypes: dtypes of A and B (None: the compute dtype; fp32 is what autocast training passes).
+    """
     from hybrid_lora.kernels import rank_block
 
     from .launches import capture, configs_of, specialize
@@ -158,13 +163,14 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None) -> list:
 
     if mode not in ("all", "first-fit", "chosen"):
         raise ValueError(f"configs mode {mode!r}: expected 'all', 'first-fit' or 'chosen'")
-    target = sm90()
+    target = target or sm90()
     roles = kernel_roles()
     jobs, by_key = [], {}
-    for dtype in dtypes:
+    for dtype, adapter_dtype in ((d, a) for d in dtypes for a in adapter_dtypes):
         for dropout in dropouts:
             for rank in ranks:
-                for index, launch in enumerate(capture(M, K, N, rank, dtype, dropout)):
+                launches = capture(M, K, N, rank, dtype, dropout, adapter_dtype=adapter_dtype, device=device)
+                for index, launch in enumerate(launches):
                     configs = configs_of(launch.kernel)
                     if mode == "chosen" and launch.name in (chosen or {}):
                         picked = [i for i, c in enumerate(configs) if _config_text(c) in chosen[launch.name]]
@@ -177,7 +183,8 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None) -> list:
                         by_key[key].used_by.append(launch.context)
                         continue
                     job = Job(launch.name, roles.get(launch.name, "util"), dtype_name(dtype), rank_block(rank),
-                              dropout, rank, index, picked, mode == "first-fit", [launch.context])
+                              dropout, rank, index, picked, mode == "first-fit", [launch.context],
+                              dtype_name(adapter_dtype or dtype))
                     by_key[key] = job
                     jobs.append(job)
     return jobs
@@ -198,14 +205,14 @@ def can_launch(row: dict) -> bool:
             and int(row["registers"]) * threads <= SM90_REGISTERS_PER_SM)
 
 
-def compile_one(launch, config) -> dict:
-    """Compile one launch in one config for sm_90 and inspect the cubin."""
+def compile_one(launch, config, target=None) -> dict:
+    """Compile one launch in one config for `target` (default sm_90) and inspect the cubin."""
     import triton
     from triton.compiler import ASTSource
 
     from .launches import jit_function, specialize
 
-    target = sm90()
+    target = target or sm90()
     spec = specialize(launch, config, target)
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(jit_function(launch.kernel), spec.signature, spec.constexprs, spec.attrs),
@@ -218,42 +225,49 @@ def compile_one(launch, config) -> dict:
     return row
 
 
-def run_job(job: Job, M, K, N) -> list:
+def run_job(job: Job, M, K, N, target=None, device="cpu") -> list:
     """Rows of one job (compiled in this process)."""
     from .launches import capture, configs_of
 
-    launch = capture(M, K, N, job.rank, parse_dtype(job.dtype), job.dropout)[job.launch_index]
+    adapter_dtype = parse_dtype(job.adapter_dtype) if job.adapter_dtype else None
+    launch = capture(M, K, N, job.rank, parse_dtype(job.dtype), job.dropout, adapter_dtype=adapter_dtype,
+                     device=device)[job.launch_index]
     if launch.name != job.kernel:
         raise RuntimeError(f"launch {job.launch_index} is {launch.name}, expected {job.kernel}")
     configs = configs_of(launch.kernel)
     rows = []
     for index in job.config_indices:
         try:
-            row = {**compile_one(launch, configs[index]), "status": "ok"}
+            row = {**compile_one(launch, configs[index], target), "status": "ok"}
         except Exception as error:  # a config that does not compile is a finding, not a crash
             row = {"config": _config_text(configs[index]), "status": f"error: {type(error).__name__}: {error}"[:300]}
-        rows.append({"kernel": job.kernel, "role": job.role, "dtype": job.dtype, "block_r": job.block_r,
+        rows.append({"kernel": job.kernel, "role": job.role, "dtype": job.dtype,
+                     "adapter_dtype": job.adapter_dtype, "block_r": job.block_r,
                      "dropout": job.dropout, "used_by": "; ".join(sorted(set(job.used_by))), **row})
         if job.first_fit and row.get("can_launch"):
             break
     return rows
 
 
-def _worker(job, M, K, N):
-    return run_job(job, M, K, N)
+def _worker(job, M, K, N, target, device):
+    return run_job(job, M, K, N, target, device)
 
 
-def compile_all(jobs, *, M, K, N, workers=1, log=print) -> list:
-    """Run the jobs in `workers` processes (spawned: each imports the kernels fresh)."""
+def compile_all(jobs, *, M, K, N, workers=1, target=None, device="cpu", log=print) -> list:
+    """Run the jobs in `workers` processes (spawned: each imports the kernels fresh).
+
+    Compiled kernels land in Triton's on-disk cache under the same key as the
+    JIT's, so compiling for the current GPU's target warms later launches.
+    """
     rows = []
     if workers <= 1:
         for i, job in enumerate(jobs):
-            rows += run_job(job, M, K, N)
+            rows += run_job(job, M, K, N, target, device)
             log(f"[{i + 1}/{len(jobs)}] {job.kernel} block_r={job.block_r} dropout={job.dropout}")
         return rows
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(_worker, job, M, K, N) for job in jobs]
+        futures = [pool.submit(_worker, job, M, K, N, target, str(device)) for job in jobs]
         for i, future in enumerate(futures):
             rows += future.result()
             log(f"[{i + 1}/{len(jobs)}] {jobs[i].kernel} block_r={jobs[i].block_r} dropout={jobs[i].dropout}")

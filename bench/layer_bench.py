@@ -37,8 +37,8 @@ def _row(provider, mode, shape, timing, base_ms, run_stamp, status="ok"):
     seconds = timing.median_ms * 1e-3
     row.update(
         median_ms=round(timing.median_ms, 6), p20_ms=round(timing.p20_ms, 6), p80_ms=round(timing.p80_ms, 6),
-        tflops=round(flops(provider, shape, mode) / seconds / 1e12, 6),
-        gbps=round(bytes_moved(provider, shape, mode) / seconds / 1e9, 6),
+        tflops=float(f"{flops(provider, shape, mode) / seconds / 1e12:.6g}"),
+        gbps=float(f"{bytes_moved(provider, shape, mode) / seconds / 1e9:.6g}"),
         ratio_to_base=round(timing.median_ms / base_ms, 6) if base_ms else math.nan,
         timer=timing.timer,
     )
@@ -49,9 +49,10 @@ def time_layer(provider, shape, device, modes, *, weights, rounds=None, compile_
     """{mode: Timing} for one provider at one shape."""
     layer = build_layer(provider, shape, device, weights=weights, compile_backend=compile_backend)
     timings = {}
-    for mode in modes:
-        fn, grads = layer.step(mode)
-        timings[mode] = time_fn(fn, device, grad_to_none=grads, rounds=rounds)
+    with layer.context():
+        for mode in modes:
+            fn, grads = layer.step(mode)
+            timings[mode] = time_fn(fn, device, grad_to_none=grads, rounds=rounds)
     return timings
 
 

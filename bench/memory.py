@@ -77,16 +77,16 @@ def run(device, M, K, N, r, dtypes, *, providers=PROVIDERS, dropout_p=DEFAULT_DR
         weights = LayerWeights.random(shape, device)
         for provider in providers:
             layer = build_layer(provider, shape, device, weights=weights, compile_backend=compile_backend)
-            if provider == "compiled":
-                layer.forward()  # compile outside the hooks, which only watch the tensors of a call
-            saved = saved_activations(layer)
+            with layer.context():
+                saved = saved_activations(layer)
+                peak = peak_fwd_bwd_bytes(layer, device)
             bound = x_plus_s_bytes(shape)
             rows.append({
                 "provider": provider, "M": M, "K": K, "N": N, "r": 0 if provider == "base" else r,
                 "dtype": dtype_name(dtype), "dropout": dropout_p, "saved_bytes": saved.bytes,
                 "x_plus_s_bytes": bound, "saved_over_x_plus_s": round(saved.bytes / bound, 4),
                 "saved_tensors": " + ".join(saved.tensors) or "none",
-                "peak_fwd_bwd_bytes": peak_fwd_bwd_bytes(layer, device), **run_stamp,
+                "peak_fwd_bwd_bytes": peak, **run_stamp,
             })
             del layer
     return rows

@@ -25,7 +25,8 @@ reference. Each provider also states its work per mode (``fwd``, ``bwd``,
   once (``traffic``). GB/s in the tables is this model divided by the time.
 """
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,12 +93,13 @@ class Layer:
     trainable: list  # tensors that receive gradients besides x (the adapters)
     frozen: list  # tensors that are parameters of the layer but get no gradient
     adapter_grads: object  # () -> (dA [K, r], dB [r, N]) in the common layout, after a backward
+    context: object = field(default=contextlib.nullcontext)  # () -> context to enter around every use
 
     def parameters(self):
         return [*self.trainable, *self.frozen]
 
     def step(self, mode: str):
-        """(callable timed for `mode`, tensors whose grad is cleared before each call)."""
+        """(callable timed for `mode`, tensors whose grad is cleared before each call). Use inside `context()`."""
         grads = [self.x, *self.trainable]
         if mode == "fwd":
             return self.forward, grads
@@ -318,6 +320,8 @@ def _reference_layer(x, weight, bias, lora_a, lora_b, rank: int, scale: float, d
 
 
 def _build_compiled(shape, weights, x, compile_backend="inductor"):
+    import torch._functorch.config as functorch_config
+
     w, b = weights.weight, weights.bias
     a, bb = _trainable_adapters(weights)
     # Dynamo keeps its compiled variants on the function's code object and falls back to eager,
@@ -326,12 +330,19 @@ def _build_compiled(shape, weights, x, compile_backend="inductor"):
     compiled = torch.compile(_reference_layer, backend=compile_backend, dynamic=False)
 
     def forward():
-        # Donated buffers forbid backward(retain_graph=True), which the "bwd" mode uses to time
-        # the backward alone; they only let the compiled backward reuse saved memory.
-        with torch._functorch.config.patch(donated_buffer=False):
-            return compiled(x, w, b, a, bb, shape.r, weights.scale, shape.dropout_p)
+        return compiled(x, w, b, a, bb, shape.r, weights.scale, shape.dropout_p)
 
-    return forward, [a, bb], [w, b], _sliced_grads(a, bb, shape.r)
+    def context():
+        # Donated buffers (the compiled backward reusing saved memory) forbid
+        # backward(retain_graph=True), which the "bwd" mode uses to time the backward
+        # alone; the setting is read when compiling and again at every backward.
+        return functorch_config.patch(donated_buffer=False)
+
+    with context():  # compile now, forward and backward
+        forward().backward(torch.ones(shape.M, shape.N, dtype=shape.dtype, device=x.device))
+    for t in (x, a, bb):
+        t.grad = None
+    return forward, [a, bb], [w, b], _sliced_grads(a, bb, shape.r), context
 
 
 def _build_peft(shape, weights, x):

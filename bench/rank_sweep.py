@@ -64,14 +64,15 @@ def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p
         weights.scale = 32.0 / r
         layer = build_layer("fused", shape, device, weights=weights)
         for mode in modes:
-            fn, grads = layer.step(mode)
-            timing = time_fn(fn, device, grad_to_none=grads, rounds=rounds)
+            with layer.context():
+                fn, grads = layer.step(mode)
+                timing = time_fn(fn, device, grad_to_none=grads, rounds=rounds)
             compiled = sum(compiled_variant_counts().values()) if device.type == "cuda" else math.nan
             rows.append({
                 "r": r, "block_r": rank_block(r), "mode": mode, "M": M, "K": K, "N": N, "dtype": dtype_name(dtype),
                 "dropout": dropout_p, "median_ms": round(timing.median_ms, 6), "p20_ms": round(timing.p20_ms, 6),
                 "p80_ms": round(timing.p80_ms, 6),
-                "tflops": round(flops("fused", shape, mode) / (timing.median_ms * 1e-3) / 1e12, 6),
+                "tflops": float(f"{flops('fused', shape, mode) / (timing.median_ms * 1e-3) / 1e12:.6g}"),
                 "compiled_variants": compiled, "predicted_variants": predicted[r],
                 "note": "" if device.type == "cuda" else NO_GPU_NOTE, "timer": timing.timer, **run_stamp,
             })

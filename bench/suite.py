@@ -1,0 +1,182 @@
+"""Every benchmark at one size, in one process, into one results file: what ``bench/gpu_check`` runs.
+
+Steps, in order: warm Triton's compile cache in parallel (GPU only), the layer
+table (bf16, M = 8192, r in {16, 64}), the rank sweep (r = 1..64), saved
+activations (dropout on), end-to-end training (seq 128 and 1024, batch 8),
+the autotuner's choices, then the markdown report and plots. All rows go to
+``<out-dir>/<device>-<date>.csv`` with a ``bench`` column; the report to the
+``.md`` beside it.
+
+``--tiny`` runs the same steps at toy sizes with one timed round, so the
+whole harness runs on a CPU (CI) in seconds; its timings are CPU timings.
+
+    python -m bench.suite                       # on a GPU
+    python -m bench.suite --device cpu --tiny --out-dir /tmp/bench
+"""
+
+import argparse
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import e2e, layer_bench, memory, rank_sweep, report
+from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
+
+STEPS = ("precompile", "layer", "rank_sweep", "memory", "e2e", "autotune", "report")
+
+
+@dataclass
+class SuiteConfig:
+    M: int = 8192  # tokens of the layer table, rank sweep and memory measurement
+    K: int = 768  # GPT-2 c_attn
+    N: int = 2304
+    layer_ranks: tuple = (16, 64)  # the ranks the targets name
+    dtype: str = "bf16"
+    sweep_ranks: tuple = tuple(range(1, 65))
+    sweep_modes: tuple = ("fwd+bwd",)
+    memory_rank: int = 64
+    dropout: float = 0.05  # of the memory measurement: the original's LoRA dropout
+    rounds: int = None  # CPU only: timed calls per measurement
+    compile_backend: str = "inductor"  # torch.compile backend of the `compiled` provider
+    training: e2e.E2EConfig = field(default_factory=e2e.E2EConfig)  # the end-to-end step
+    e2e_torch_path: bool = False  # run the package's layers on the PyTorch path in e2e (CPU checks)
+
+
+def tiny_config() -> SuiteConfig:
+    """Toy sizes for a CPU: every step runs, in seconds, and nothing it times means anything."""
+    return SuiteConfig(
+        M=32, K=32, N=48, layer_ranks=(4,), dtype="fp32", sweep_ranks=(1, 2, 17), memory_rank=4, rounds=1,
+        compile_backend="aot_eager",  # inductor's C++ build takes minutes on a CPU
+        training=e2e.E2EConfig(seq_lens=(16,), batch_size=2, warmup_steps=1, steps=1, model=e2e.TINY_GPT2),
+        e2e_torch_path=True,  # the Triton interpreter would take minutes per training step
+    )
+
+
+@contextlib.contextmanager
+def _torch_path(enabled):
+    previous = os.environ.get("HYBRID_LORA_BACKEND")
+    if enabled:
+        os.environ["HYBRID_LORA_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HYBRID_LORA_BACKEND", None)
+        else:
+            os.environ["HYBRID_LORA_BACKEND"] = previous
+
+
+def precompile(config: SuiteConfig, device, workers, log=print) -> list:
+    """Compile every kernel config the run can autotune over, in parallel, into Triton's disk cache.
+
+    The autotuner would otherwise compile each config in turn on first use.
+    Covers the rank buckets, dropout on and off, and adapters in the compute
+    dtype (layer table) and in fp32 (autocast training).
+    """
+    from triton.runtime import driver
+
+    from . import compile_report
+    from .record import parse_dtype
+
+    target = driver.active.get_current_target()
+    dtype = parse_dtype(config.dtype)
+    shape = dict(M=config.M, K=config.K, N=config.N)
+    jobs = compile_report.plan((16, 32, 64), [dtype], (0.0, config.dropout), adapter_dtypes=(None, torch.float32),
+                               target=target, device=device, **shape)
+    log(f"precompile: {len(jobs)} specializations on {workers} processes for {target}")
+    return compile_report.compile_all(jobs, workers=workers, target=target, device=str(device), log=lambda _: None,
+                                      **shape)
+
+
+def autotune_rows(run_stamp) -> list:
+    """The config each autotuned kernel chose for each key it met in this process."""
+    from .compile_report import _config_text
+    from .launches import kernel_objects
+
+    rows = []
+    for (_, name), kernel in kernel_objects().items():
+        for key, config in getattr(kernel, "cache", {}).items():
+            rows.append({"kernel": name, "key": " ".join(map(str, key)), "config": _config_text(config), **run_stamp})
+    return rows
+
+
+def combined_columns() -> list:
+    columns = ["bench"]
+    for names in (layer_bench.COLUMNS, rank_sweep.COLUMNS, memory.COLUMNS, e2e.COLUMNS,
+                  ["kernel", "key", "config"]):
+        columns += [name for name in names if name not in columns]
+    return columns
+
+
+def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=print) -> dict:
+    """Run the steps not in `skip`; returns {"csv": path, "md": path, "seconds": {step: s}}."""
+    from .record import parse_dtype
+
+    for step in skip:
+        if step not in STEPS:
+            raise ValueError(f"step {step!r}: expected one of {STEPS}")
+    dtype = parse_dtype(config.dtype)
+    run_stamp = stamp(device)
+    rows, seconds = [], {}
+    name = f"{slug(run_stamp['device'])}-{utc_now()[:10]}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+
+    def timed(step, fn):
+        if step in skip:
+            log(f"== {step}: skipped")
+            return
+        log(f"== {step}")
+        start = time.perf_counter()
+        for row in fn() or ():
+            rows.append({"bench": step, **row})
+        seconds[step] = round(time.perf_counter() - start, 1)
+        log(f"== {step}: {seconds[step]} s")
+
+    if device.type == "cuda":
+        timed("precompile", lambda: (precompile(config, device, workers or max(1, (os.cpu_count() or 2) - 2),
+                                                log), None)[1])
+    timed("layer", lambda: layer_bench.run(
+        device, [config.M], list(config.layer_ranks), [dtype], K=config.K, N=config.N, rounds=config.rounds,
+        compile_backend=config.compile_backend, log=log))
+    timed("rank_sweep", lambda: rank_sweep.run(
+        device, config.M, list(config.sweep_ranks), dtype, K=config.K, N=config.N, modes=config.sweep_modes,
+        rounds=config.rounds, log=log))
+    timed("memory", lambda: memory.run(
+        device, config.M, config.K, config.N, config.memory_rank, [dtype], dropout_p=config.dropout,
+        compile_backend=config.compile_backend))
+    with _torch_path(config.e2e_torch_path):
+        timed("e2e", lambda: e2e.run(config.training, device, log=log))
+    if device.type == "cuda":
+        timed("autotune", lambda: autotune_rows(run_stamp))
+    columns = combined_columns()
+    write_csv(csv_path, [{**dict.fromkeys(columns, ""), **row} for row in rows], columns)
+    if "report" not in skip:
+        report.write_report([csv_path], md_path, title=f"Benchmarks on {run_stamp['device']}", log=log)
+    log(f"wrote {csv_path}" + ("" if "report" in skip else f" and {md_path}"))
+    log("seconds per step: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
+    return {"csv": csv_path, "md": md_path, "seconds": seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes and one round: a CPU check of the harness")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--skip", nargs="*", default=[], help=f"steps to leave out, of {STEPS}")
+    parser.add_argument("--workers", type=int, default=None, help="precompile processes (default: CPUs - 2)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    if device.type != "cuda" and not args.tiny:
+        parser.error(f"device {device.type!r}: the full sizes need a CUDA device; add --tiny for a CPU check")
+    config = tiny_config() if args.tiny else SuiteConfig()
+    from pathlib import Path
+
+    run(config, device, Path(args.out_dir), skip=args.skip, workers=args.workers)
+
+
+if __name__ == "__main__":
+    main()
