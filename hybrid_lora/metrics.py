@@ -66,10 +66,10 @@ def evaluate(model, loader, device, autocast=None):
             with autocast or nullcontext():
                 logits = model_logits(model, batch)  # (B, T, V)
             logits, targets = shifted_targets(logits, batch["labels"])
-            labelled = targets != IGNORE_INDEX
             loss_sum += F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-            correct += ((logits.argmax(dim=-1) == targets) & labelled).sum()
-            count += labelled.sum()
+            # An argmax is never -100, so unlabelled targets never count as correct.
+            correct += (logits.argmax(dim=-1) == targets).sum()
+            count += (targets != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
     tokens = int(count)

@@ -119,5 +119,8 @@ def test_rank_cut_can_reset_the_state_and_refuses_to_grow():
     optimizer = adamw_after_steps(layer)
     truncate_adapters([layer], 3, optimizer, reset_state=True)
     assert layer.lora_a not in optimizer.state and layer.lora_b not in optimizer.state
-    with pytest.raises(ValueError, match=r"rank 4 is outside \[1, 3\]"):
-        truncate_adapters([layer], 4, optimizer)
+    # A cut that one layer cannot take leaves every layer as it was.
+    wide = make_layer(seed=1)
+    with pytest.raises(ValueError, match=r"truncate_adapters: rank 4 is outside \[1, 3\]"):
+        truncate_adapters([wide, layer], 4)
+    assert wide.r_max == 6 and layer.r_max == 3

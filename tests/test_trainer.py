@@ -212,14 +212,19 @@ def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
                          lambda_order=1e-2, dylora="off", rank_schedule=(), log_every=0, device="cpu")
     domain = rule_domain("plus1", 1, 8, 4, seed=1)
     kernels = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+    with torch.no_grad():  # B = 0 would hide the adapter from the first forward
+        for layer in hybrid_lora.lora_layers(kernels):
+            layer.lora_b.normal_(0.0, 0.5)
     plain = copy.deepcopy(kernels)
     with_kernels = run_continual(kernels, [domain], config)
     monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
     with_torch = run_continual(plain, [domain], config)
-    assert with_kernels["history"][0]["train_loss"] == pytest.approx(with_torch["history"][0]["train_loss"], rel=1e-5)
-    assert with_kernels["loss"][0][0] == pytest.approx(with_torch["loss"][0][0], rel=1e-5)
+    # fp32 both ways, reductions of at most 32 terms: agreement to a few ulps.
+    assert with_kernels["initial"][0]["loss"] == pytest.approx(with_torch["initial"][0]["loss"], rel=1e-6)
+    assert with_kernels["history"][0]["train_loss"] == pytest.approx(with_torch["history"][0]["train_loss"], rel=1e-6)
+    assert with_kernels["loss"][0][0] == pytest.approx(with_torch["loss"][0][0], rel=1e-6)
     for got, want in zip(adapter_tensors(kernels), adapter_tensors(plain)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
