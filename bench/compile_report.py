@@ -143,10 +143,13 @@ def kernel_roles() -> dict:
 
 
 def chosen_configs(path) -> dict:
-    """{kernel name: set of config texts} from the autotune choices a GPU run recorded (CSV)."""
+    """{kernel name: set of config texts} from the autotune rows of a GPU results file (bench/gpu_check)."""
     chosen = {}
     for row in read_csv(path):
-        chosen.setdefault(row["kernel"], set()).add(row["config"])
+        if row.get("bench", "autotune") == "autotune" and row.get("kernel"):
+            chosen.setdefault(row["kernel"], set()).add(row["config"])
+    if not chosen:
+        raise ValueError(f"{path}: no autotune rows (bench = autotune, with kernel and config columns)")
     return chosen
 
 

@@ -48,9 +48,9 @@ class SuiteConfig:
 def tiny_config() -> SuiteConfig:
     """Toy sizes for a CPU: every step runs, in seconds, and nothing it times means anything."""
     return SuiteConfig(
-        M=32, K=32, N=48, layer_ranks=(4,), dtype="fp32", sweep_ranks=(1, 2, 17), memory_rank=4, rounds=1,
+        M=16, K=16, N=32, layer_ranks=(4,), dtype="fp32", sweep_ranks=(1, 2, 17), memory_rank=4, rounds=1,
         compile_backend="aot_eager",  # inductor's C++ build takes minutes on a CPU
-        training=e2e.E2EConfig(seq_lens=(16,), batch_size=2, warmup_steps=1, steps=1, model=e2e.TINY_GPT2),
+        training=e2e.E2EConfig(seq_lens=(8,), batch_size=2, warmup_steps=1, steps=1, model=e2e.TINY_GPT2),
         e2e_torch_path=True,  # the Triton interpreter would take minutes per training step
     )
 

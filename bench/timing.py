@@ -34,8 +34,8 @@ def time_fn(fn, device: torch.device, *, grad_to_none=None, warmup_ms=25, rep_ms
 
     grad_to_none: tensors whose .grad is cleared before each call, so that a
     backward does not time gradient accumulation. On the CPU, `rounds` fixes
-    the number of timed calls (after one warm-up call); otherwise as many calls
-    as fit in `rep_ms`.
+    the number of timed calls and nothing else runs; without it, one warm-up
+    call, then as many calls as fit in `rep_ms`.
     """
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -48,11 +48,11 @@ def time_fn(fn, device: torch.device, *, grad_to_none=None, warmup_ms=25, rep_ms
         for t in grad_to_none or ():
             t.grad = None
 
-    clear_grads()
-    start = time.perf_counter()
-    fn()  # warm-up: the first call may compile
-    first_ms = (time.perf_counter() - start) * 1e3
     if rounds is None:
+        clear_grads()
+        start = time.perf_counter()
+        fn()  # warm-up: the first call may compile
+        first_ms = (time.perf_counter() - start) * 1e3
         rounds = max(1, min(1000, int(rep_ms / max(first_ms, 1e-3))))
     times = []
     for _ in range(rounds):

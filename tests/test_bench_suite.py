@@ -1,0 +1,121 @@
+"""The whole benchmark harness at toy sizes on the CPU, one timed round: every step runs and its files say
+what they hold. bench/gpu_check drives the same steps on a GPU."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository root, for `bench`
+
+from bench import report, suite  # noqa: E402
+from bench.e2e import PIPELINES  # noqa: E402
+from bench.providers import MODES, PROVIDERS, LayerShape, flops  # noqa: E402
+from bench.rank_sweep import NO_GPU_NOTE  # noqa: E402
+from bench.record import parse_dtype, read_csv  # noqa: E402
+
+CONFIG = suite.tiny_config()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = suite.run(CONFIG, torch.device("cpu"), out, log=lambda *args: None)
+    rows = read_csv(result["csv"])
+    return result, {bench: [row for row in rows if row["bench"] == bench] for bench in suite.STEPS}
+
+
+def test_layer_rows_cover_every_provider_and_mode_and_agree_with_themselves(tiny_run):
+    _, rows = tiny_run
+    layer = rows["layer"]
+    assert {(row["provider"], row["mode"]) for row in layer} == {(p, m) for p in PROVIDERS for m in MODES}
+    base = {row["mode"]: float(row["median_ms"]) for row in layer if row["provider"] == "base"}
+    for row in layer:
+        assert row["status"] == "ok", row
+        median, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
+        assert 0 < p20 <= median <= p80
+        assert float(row["ratio_to_base"]) == pytest.approx(median / base[row["mode"]], rel=1e-4)
+        shape = LayerShape(int(row["M"]), int(row["K"]), int(row["N"]), max(1, int(row["r"])),
+                           parse_dtype(row["dtype"]))
+        assert float(row["tflops"]) == pytest.approx(flops(row["provider"], shape, row["mode"]) / median / 1e9,
+                                                     rel=1e-4)
+        assert float(row["gbps"]) > 0
+        assert "CPU" in row["timer"] and row["device"].startswith("CPU")
+        assert row["commit"] and row["date"]
+
+
+def test_rank_sweep_predicts_variants_and_leaves_compile_counting_to_a_gpu(tiny_run):
+    _, rows = tiny_run
+    sweep = {int(row["r"]): row for row in rows["rank_sweep"]}
+    assert sorted(sweep) == sorted(CONFIG.sweep_ranks)
+    for row in sweep.values():
+        assert row["note"] == NO_GPU_NOTE and math.isnan(float(row["compiled_variants"]))
+        assert float(row["median_ms"]) > 0
+    # r = 1 and 2 share the rank bucket 16; r = 17 opens bucket 32, which compiles new variants.
+    assert int(sweep[1]["predicted_variants"]) == int(sweep[2]["predicted_variants"]) > 0
+    assert int(sweep[17]["predicted_variants"]) > int(sweep[2]["predicted_variants"])
+
+
+def test_memory_rows_hold_the_fused_bound_with_dropout_on(tiny_run):
+    _, rows = tiny_run
+    by = {row["provider"]: row for row in rows["memory"]}
+    assert set(by) == set(PROVIDERS)
+    assert float(by["fused"]["dropout"]) > 0
+    assert 0 < int(by["fused"]["saved_bytes"]) <= int(by["fused"]["x_plus_s_bytes"])
+    assert int(by["peft"]["saved_bytes"]) > int(by["fused"]["saved_bytes"])
+
+
+def test_e2e_rows_time_every_pipeline_and_project_a_stage(tiny_run):
+    _, rows = tiny_run
+    e2e = {row["pipeline"]: row for row in rows["e2e"]}
+    assert set(e2e) == set(PIPELINES)
+    for row in e2e.values():
+        assert row["status"] == "ok", row
+        step_s = float(row["step_ms"]) / 1e3
+        assert float(row["tokens_per_s"]) == pytest.approx(int(row["batch"]) * int(row["seq_len"]) / step_s,
+                                                           rel=1e-3)
+        assert float(row["projected_stage_s"]) == pytest.approx(CONFIG.training.stage_steps * step_s, rel=1e-3)
+    assert float(e2e["original"]["speedup_vs_original"]) == 1.0
+
+
+def test_report_says_cpu_timings_and_draws_the_plots(tiny_run):
+    result, _ = tiny_run
+    text = Path(result["md"]).read_text()
+    assert "**CPU timings**" in text
+    for heading in ("## Targets", "## Layer microbenchmarks", "## Rank sweep", "## Saved activations",
+                    "## End-to-end training"):
+        assert heading in text
+    assert "n/a: CPU timing" in text  # speed targets are not judged on a CPU
+    pytest.importorskip("matplotlib")
+    for name in ("layer", "rank-sweep", "e2e"):
+        png = Path(result["md"]).with_name(f"{Path(result['md']).stem}-{name}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_readme_section_says_plainly_when_no_gpu_result_exists(tmp_path, tiny_run):
+    result, _ = tiny_run
+    (tmp_path / Path(result["csv"]).name).write_bytes(Path(result["csv"]).read_bytes())  # a CPU result only
+    assert report.readme_section(tmp_path).startswith("No GPU result has been committed yet")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    report.update_readme(readme, tmp_path)
+    assert "No GPU result" in readme.read_text() and "old" not in readme.read_text()
+    assert readme.read_text().endswith(f"{report.END}\ntail\n")
+
+
+def test_gpu_check_dry_run_lists_its_steps():
+    out = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--dry-run"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "tests/test_bench_gpu.py" in out and "-m bench.suite" in out and "bench.report --readme" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_full_sizes_without_cuda():
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable}
+    result = subprocess.run([str(ROOT / "bench" / "gpu_check")], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr and "--device cpu --tiny" in result.stderr
