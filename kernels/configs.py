@@ -29,21 +29,24 @@ def rank_block(rank: int) -> int:
     return min(MAX_RANK_BLOCK, max(MIN_RANK_BLOCK, triton.next_power_of_2(rank)))
 
 
-# With dropout, each thread also holds Philox words for its share of the mask
-# tile. Past this many mask elements per thread the kernels spill on sm_90
-# (cuobjdump: 128 x 256 tiles on 8 warps hold 128 and spill), so the autotuner
-# does not consider those tiles for the dropout variants.
-MAX_MASK_ELEMENTS_PER_THREAD = 64
+# A thread holding more than this many elements of an output tile spills on
+# sm_90 in two cases (cuobjdump --dump-resource-usage): with dropout, where it
+# also holds Philox words for its share of the mask tile, and in the dX kernel,
+# whose transposed W operand needs more address registers than the forward.
+MAX_TILE_ELEMENTS_PER_THREAD = 64
 
 
-def prune_for_dropout(rows: str, cols: str):
-    """An ``early_config_prune`` that drops tiles of rows x cols too large to hold a dropout mask."""
+def limit_tile_per_thread(rows: str, cols: str, only_with_dropout: bool = True):
+    """An ``early_config_prune`` that drops tiles of rows x cols above the per-thread limit.
+
+    With ``only_with_dropout`` the limit applies only to launches with HAS_DROPOUT.
+    """
 
     def prune(configs, named_args, **kwargs):
-        if not kwargs.get("HAS_DROPOUT", False):
+        if only_with_dropout and not kwargs.get("HAS_DROPOUT", False):
             return configs
         fitting = [c for c in configs
-                   if c.kwargs[rows] * c.kwargs[cols] <= MAX_MASK_ELEMENTS_PER_THREAD * 32 * c.num_warps]
+                   if c.kwargs[rows] * c.kwargs[cols] <= MAX_TILE_ELEMENTS_PER_THREAD * 32 * c.num_warps]
         return fitting or configs
 
     return prune

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, gemm_configs, prune_for_dropout, rank_block, weight_grad_configs
+from .configs import down_configs, gemm_configs, limit_tile_per_thread, rank_block, weight_grad_configs
 from .dropout import drop_threshold, keep_mask
 from .lora_forward import dot_precision
 
@@ -58,7 +58,8 @@ def _lora_grad_s_kernel(
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_for_dropout("BLOCK_M", "BLOCK_N")})
+                 prune_configs_by={"early_config_prune": limit_tile_per_thread(
+                     "BLOCK_M", "BLOCK_N", only_with_dropout=False)})
 @triton.jit(do_not_specialize=["rank", "seed", "stride_dsm"])
 def _fused_grad_x_kernel(
     # pointers
@@ -120,7 +121,7 @@ def _fused_grad_x_kernel(
 
 
 @triton.autotune(configs=weight_grad_configs(), key=["M", "C", "BLOCK_R", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_for_dropout("BLOCK_M", "BLOCK_C")})
+                 prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_C")})
 @triton.jit(do_not_specialize=["rank", "seed", "stride_gm", "stride_os", "stride_oc"])
 def _lora_grad_weight_kernel(
     # pointers

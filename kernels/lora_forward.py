@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, gemm_configs, prune_for_dropout, rank_block
+from .configs import down_configs, gemm_configs, limit_tile_per_thread, rank_block
 from .dropout import drop_threshold, keep_mask
 
 
@@ -26,7 +26,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.autotune(configs=down_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": prune_for_dropout("BLOCK_M", "BLOCK_K")})
+                 prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_K")})
 @triton.jit(do_not_specialize=["rank", "seed", "stride_sm"])
 def _lora_down_kernel(
     # pointers
