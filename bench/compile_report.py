@@ -2,7 +2,8 @@
 
 Each kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``
 for the launches the launchers make at the GPT-2 c_attn shape (``bench.launches``),
-in every autotune config, for each rank bucket and with dropout on and off.
+in every autotune config the autotuner keeps for that launch (after its own
+``early_config_prune``), for each rank bucket and with dropout on and off.
 The cubin is read with the ``cuobjdump`` bundled with Triton:
 
 * ``--dump-resource-usage``: registers per thread, local memory (spills), stack
@@ -39,7 +40,7 @@ SM90_REGISTERS_PER_SM = 65536
 MAX_REGISTERS_PER_THREAD = 255
 GPT2 = dict(M=8192, K=768, N=2304)
 
-COLUMNS = ["kernel", "role", "dtype", "adapter_dtype", "block_r", "dropout", "used_by", "config", "num_warps", "num_stages",
+COLUMNS = ["kernel", "role", "dtype", "adapter_dtype", "block_r", "dropout", "used_by", "pruned_configs", "config", "num_warps", "num_stages",
            "registers", "local_bytes", "stack_bytes", "spill_instructions", "static_shared_bytes",
            "dynamic_shared_bytes", "can_launch", "hgmma", "hmma", "compile_s", "status", "target", "triton",
            "ptxas", "kernels_sha256", "commit", "date"]
@@ -118,6 +119,7 @@ class Job:
     first_fit: bool  # stop at the first config that can launch
     used_by: list = field(default_factory=list)
     adapter_dtype: str = ""  # dtype of A and B; empty: the compute dtype
+    pruned: int = 0  # configs the autotuner's own pruning drops for this launch
 
 
 def _config_text(config) -> str:
@@ -161,7 +163,7 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
     """
     from hybrid_lora.kernels import rank_block
 
-    from .launches import capture, configs_of, specialize
+    from .launches import candidate_configs, capture, configs_of, specialize
     from .record import dtype_name
 
     if mode not in ("all", "first-fit", "chosen"):
@@ -175,19 +177,22 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
                 launches = capture(M, K, N, rank, dtype, dropout, adapter_dtype=adapter_dtype, device=device)
                 for index, launch in enumerate(launches):
                     configs = configs_of(launch.kernel)
+                    # Configs the autotuner prunes for this launch are never timed, so never chosen.
+                    candidates = [i for i, c in enumerate(configs)
+                                  if any(c is kept for kept in candidate_configs(launch))]
                     if mode == "chosen" and launch.name in (chosen or {}):
-                        picked = [i for i, c in enumerate(configs) if _config_text(c) in chosen[launch.name]]
+                        picked = [i for i in candidates if _config_text(configs[i]) in chosen[launch.name]]
                     elif mode == "chosen":
                         continue
                     else:
-                        picked = list(range(len(configs)))
+                        picked = candidates
                     key = (launch.name, specialize(launch, configs[0], target).key)
                     if key in by_key:
                         by_key[key].used_by.append(launch.context)
                         continue
                     job = Job(launch.name, roles.get(launch.name, "util"), dtype_name(dtype), rank_block(rank),
                               dropout, rank, index, picked, mode == "first-fit", [launch.context],
-                              dtype_name(adapter_dtype or dtype))
+                              dtype_name(adapter_dtype or dtype), len(configs) - len(candidates))
                     by_key[key] = job
                     jobs.append(job)
     return jobs
@@ -245,7 +250,7 @@ def run_job(job: Job, M, K, N, target=None, device="cpu") -> list:
         except Exception as error:  # a config that does not compile is a finding, not a crash
             row = {"config": _config_text(configs[index]), "status": f"error: {type(error).__name__}: {error}"[:300]}
         rows.append({"kernel": job.kernel, "role": job.role, "dtype": job.dtype,
-                     "adapter_dtype": job.adapter_dtype, "block_r": job.block_r,
+                     "adapter_dtype": job.adapter_dtype, "block_r": job.block_r, "pruned_configs": job.pruned,
                      "dropout": job.dropout, "used_by": "; ".join(sorted(set(job.used_by))), **row})
         if job.first_fit and row.get("can_launch"):
             break
@@ -313,9 +318,9 @@ def markdown(rows, header: dict) -> str:
              "only those can be chosen by the autotuner. A config spills when ptxas gives it a stack frame or local "
              "memory, read and written with LDL/STL instructions.", "",
              "## Summary per kernel", "",
-             "| kernel | role | configs compiled | can launch | max registers | spilling configs (can launch) "
-             "| HGMMA in configs that can launch | HMMA only |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| kernel | role | configs compiled | pruned by the autotuner | can launch | max registers "
+             "| spilling configs (can launch) | HGMMA in configs that can launch | HMMA only |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     kernels = sorted({row["kernel"] for row in rows})
     for name in kernels:
         mine = [row for row in rows if row["kernel"] == name and row["status"] == "ok"]
@@ -325,7 +330,9 @@ def markdown(rows, header: dict) -> str:
         hmma_only = [row for row in ok if int(row["hgmma"]) == 0 and int(row["hmma"]) > 0]
         role = mine[0]["role"] if mine else "?"
         max_regs = max((int(row["registers"]) for row in mine), default=0)
-        lines.append(f"| `{name}` | {role} | {len(mine)} | {len(ok)} | {max_regs} | {len(spilling)} "
+        pruned = max((int(row["pruned_configs"] or 0) for row in mine), default=0)
+        lines.append(f"| `{name}` | {role} | {len(mine)} | up to {pruned} per launch | {len(ok)} | {max_regs} "
+                     f"| {len(spilling)} "
                      f"| {len(with_hgmma)}/{len(ok)} | {len(hmma_only)} |")
     found = violations(rows)
     lines += ["", "## Findings", ""]

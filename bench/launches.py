@@ -89,6 +89,24 @@ def configs_of(kernel) -> list:
     return list(kernel.configs) if hasattr(kernel, "configs") else [None]
 
 
+def candidate_configs(launch) -> list:
+    """The configs the autotuner would time for `launch`: its configs after its own pruning.
+
+    Mirrors ``Autotuner.run``: with more than one config, ``prune_configs``
+    (``early_config_prune``, then a perf model if any) sees the launch's
+    arguments; with one, that config is used as is.
+    """
+    kernel = launch.kernel
+    configs = configs_of(kernel)
+    if len(configs) <= 1:
+        return configs
+    kernel.nargs = dict(zip(kernel.arg_names, launch.args))
+    try:
+        return list(kernel.prune_configs(dict(launch.kwargs)))
+    finally:
+        kernel.nargs = None
+
+
 @dataclass
 class Launch:
     module: str
@@ -203,8 +221,8 @@ def compiled_variant_counts() -> dict:
 def variant_counts(M, K, N, ranks, dtype=torch.bfloat16, dropout_p=0.0, target=None, device="cpu") -> dict:
     """{kernel name: {rank: number of distinct compiled variants after launching ranks[0..i]}}.
 
-    Counts the distinct JIT cache keys over every autotune config, as a sweep
-    over `ranks` on a GPU would fill each kernel's cache.
+    Counts the distinct JIT cache keys over every config the autotuner times
+    (after its pruning), as a sweep over `ranks` on a GPU fills each kernel's cache.
     """
     from triton.backends.compiler import GPUTarget
 
@@ -213,7 +231,7 @@ def variant_counts(M, K, N, ranks, dtype=torch.bfloat16, dropout_p=0.0, target=N
     for rank in ranks:
         for launch in capture(M, K, N, rank, dtype, dropout_p, device=device):
             keys = seen.setdefault(launch.name, set())
-            for config in configs_of(launch.kernel):
+            for config in candidate_configs(launch):
                 keys.add(specialize(launch, config, target).key)
         for name, keys in seen.items():
             counts.setdefault(name, {})[rank] = len(keys)
