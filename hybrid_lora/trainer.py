@@ -312,7 +312,8 @@ def run_continual(model, domains, config, log=None):
         params = [p for p in model.parameters() if p.requires_grad]
         stage.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         train_loader = DataLoader(domain.train, batch_size=config.batch_size, shuffle=True,
-                                  generator=torch.Generator().manual_seed(config.seed + t))
+                                  generator=torch.Generator().manual_seed(config.seed + t),
+                                  pin_memory=device.type == "cuda")  # lets move_batch copy without blocking
         results = [None] * len(domains)
         for epoch in range(config.epochs):
             rank = scheduled_rank(config.rank_schedule, epoch) if t > 0 else None

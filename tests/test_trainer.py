@@ -227,6 +227,22 @@ def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_bfloat16_autocast_trains_fp32_adapters_close_to_float32(torch_path):
+    domain = rule_domain("plus1", 1, 8, 4, seed=1)
+    rows, adapters = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+        config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, epochs=1, lr=1e-2, dtype=dtype, rank_schedule=(),
+                             log_every=0, device="cpu")
+        rows[dtype] = run_continual(model, [domain], config)["history"][0]
+        adapters[dtype] = adapter_tensors(model)
+    assert all(t.dtype == torch.float32 for t in adapters["bfloat16"])
+    # bf16 keeps 8 mantissa bits: the losses differ (autocast ran), by far less than the loss itself.
+    for key in ("train_loss", "eval_loss"):
+        assert rows["bfloat16"][key] != rows["float32"][key]
+        assert rows["bfloat16"][key] == pytest.approx(rows["float32"][key], rel=1e-3)
+
+
 def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path)
     model = load_model(TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0, device="cpu"))
