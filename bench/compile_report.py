@@ -3,7 +3,8 @@
 Each kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``
 for the launches the launchers make at the GPT-2 c_attn shape (``bench.launches``),
 in every autotune config the autotuner keeps for that launch (after its own
-``early_config_prune``), for each rank bucket and with dropout on and off.
+``early_config_prune``), for each rank bucket, with dropout on and off, and with
+the adapters in x's dtype and in fp32 (what bf16 autocast training passes).
 The cubin is read with the ``cuobjdump`` bundled with Triton:
 
 * ``--dump-resource-usage``: registers per thread, local memory (spills), stack
@@ -344,16 +345,17 @@ def markdown(rows, header: dict) -> str:
                      f"block_r={row['block_r']}: {int(row['dynamic_shared_bytes']) + int(row['static_shared_bytes'])} "
                      f"B shared memory, {row['registers']} registers x {32 * int(row['num_warps'])} threads")
     lines += ["", "## Every compile", "",
-              "| kernel | dtype | block_r | dropout | config | regs | stack B | local B | LDL/STL | shared B "
-              "| can launch | HGMMA | HMMA | compile s |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+              "| kernel | dtype | adapters | block_r | dropout | config | regs | stack B | local B | LDL/STL "
+              "| shared B | can launch | HGMMA | HMMA | compile s |",
+              "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| `{row['kernel']}` | {row['dtype']} | {row['block_r']} | {row['dropout']} "
-                         f"| {row['config']} | {row['status']} ||||||||")
+            lines.append(f"| `{row['kernel']}` | {row['dtype']} | {row['adapter_dtype']} | {row['block_r']} "
+                         f"| {row['dropout']} | {row['config']} | {row['status']} ||||||||")
             continue
         shared = int(row["dynamic_shared_bytes"]) + int(row["static_shared_bytes"])
-        lines.append(f"| `{row['kernel']}` | {row['dtype']} | {row['block_r']} | {row['dropout']} | {row['config']} "
+        lines.append(f"| `{row['kernel']}` | {row['dtype']} | {row['adapter_dtype']} | {row['block_r']} "
+                     f"| {row['dropout']} | {row['config']} "
                      f"| {row['registers']} | {row['stack_bytes']} | {row['local_bytes']} | {row['spill_instructions']} | {shared} "
                      f"| {row['can_launch']} | {row['hgmma']} | {row['hmma']} | {row['compile_s']} |")
     return "\n".join(lines) + "\n"
@@ -368,6 +370,8 @@ def main(argv=None):
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"])
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.05])
+    parser.add_argument("--adapter-dtypes", nargs="+", default=["same", "fp32"],
+                        help="dtypes of A and B: 'same' as x (layer benchmarks) and fp32 (autocast training)")
     parser.add_argument("--M", type=int, default=GPT2["M"])
     parser.add_argument("--K", type=int, default=GPT2["K"])
     parser.add_argument("--N", type=int, default=GPT2["N"])
@@ -389,8 +393,9 @@ def main(argv=None):
     header = {"target": "cuda sm_90 (GPUTarget('cuda', 90, 32))", "triton": triton.__version__,
               "ptxas": ptxas_version(), "kernels_sha256": kernels_sha256(), "commit": commit(), "date": utc_now(),
               **shape}
+    adapter_dtypes = [None if d == "same" else parse_dtype(d) for d in args.adapter_dtypes]
     jobs = plan(args.ranks, [parse_dtype(d) for d in args.dtypes], args.dropouts, mode=args.configs,
-                chosen=chosen, **shape)
+                chosen=chosen, adapter_dtypes=adapter_dtypes, **shape)
     print(f"{len(jobs)} kernel specializations, {sum(len(j.config_indices) for j in jobs)} configs at most")
     rows = compile_all(jobs, workers=args.jobs, **shape, log=lambda line: print(line, flush=True))
     full = []
