@@ -49,7 +49,8 @@ def predicted_variant_totals(M, K, N, ranks, dtype, dropout_p, device) -> dict:
     return {r: sum(counts[r] for counts in per_kernel.values()) for r in ranks}
 
 
-def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p=0.0, rounds=None, log=print):
+def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p=0.0, rounds=None, rep_ms=100,
+        log=print):
     from hybrid_lora.kernels import rank_block
 
     from .launches import compiled_variant_counts
@@ -66,7 +67,8 @@ def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p
         for mode in modes:
             with layer.context():
                 fn, grads = layer.step(mode)
-                timing = time_fn(fn, device, grad_to_none=grads, rounds=rounds)
+                timing = time_fn(fn, device, grad_to_none=grads, rounds=rounds, warmup_ms=min(25, rep_ms),
+                                 rep_ms=rep_ms)
             compiled = sum(compiled_variant_counts().values()) if device.type == "cuda" else math.nan
             rows.append({
                 "r": r, "block_r": rank_block(r), "mode": mode, "M": M, "K": K, "N": N, "dtype": dtype_name(dtype),
