@@ -65,21 +65,28 @@ def adapter_inner(a1, b1, s1, a2, b2, s2):
     return s1 * s2 * ((a1.t() @ a2) * (b1 @ b2.t())).sum()
 
 
+@dataclass(frozen=True)
+class AdapterSnapshot:
+    """Every layer's adapter at one moment, detached, in layer order: what L_DC compares against."""
+
+    factors: tuple  # one AdapterFactors per layer
+    squared_norm: torch.Tensor  # sum_l ||delta_W_l||^2 > 0, computed once as it never changes
+
+
 def snapshot_adapters(layers):
-    """Detached fp32 copies of every layer's adapter at its active rank: what L_DC compares against.
+    """An AdapterSnapshot of `layers` at their active ranks (fp32 copies).
 
     Raises if the adapters are all zero, as a cosine with a zero matrix is undefined.
     """
     if not layers:
         raise ValueError("snapshot_adapters: no LoRA layers given; expected at least one LoRAConv1D")
     with torch.no_grad():
-        snapshot = tuple(AdapterFactors(a.detach().clone(), b.detach().clone(), s)
-                         for a, b, s in map(_factors, layers))
-        squared_norm = sum(adapter_inner(f.a, f.b, f.scale, f.a, f.b, f.scale) for f in snapshot)
+        factors = tuple(AdapterFactors(a.detach().clone(), b.detach().clone(), s) for a, b, s in map(_factors, layers))
+        squared_norm = sum(adapter_inner(f.a, f.b, f.scale, f.a, f.b, f.scale) for f in factors)
     if not squared_norm > 0:
         raise ValueError(f"snapshot_adapters: the adapters' squared norm is {float(squared_norm)}; expected > 0 "
                          "(a freshly initialised adapter has B = 0 and no direction to keep)")
-    return snapshot
+    return AdapterSnapshot(factors, squared_norm)
 
 
 def domain_correlation(layers, snapshot, eps=1e-12):
@@ -91,18 +98,16 @@ def domain_correlation(layers, snapshot, eps=1e-12):
     """
     if not layers:
         raise ValueError("domain_correlation: no LoRA layers given; expected at least one LoRAConv1D")
-    if len(layers) != len(snapshot):
-        raise ValueError(f"domain_correlation: {len(layers)} layers but a snapshot of {len(snapshot)}; "
+    if len(layers) != len(snapshot.factors):
+        raise ValueError(f"domain_correlation: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
                          "expected the same layers, in the same order")
-    cross, norm_prev, norm_cur = 0.0, 0.0, 0.0
-    for layer, prev in zip(layers, snapshot):
+    cross, norm_cur = 0.0, 0.0
+    for layer, prev in zip(layers, snapshot.factors):
         a, b, s = _factors(layer)
         if prev.a.shape[0] != a.shape[0] or prev.b.shape[1] != b.shape[1]:
             raise ValueError(f"domain_correlation: stored adapter maps {prev.a.shape[0]} -> {prev.b.shape[1]} "
                              f"features, the layer {a.shape[0]} -> {b.shape[1]}; expected the same layer")
         cross = cross + adapter_inner(prev.a, prev.b, prev.scale, a, b, s)
-        norm_prev = norm_prev + adapter_inner(prev.a, prev.b, prev.scale, prev.a, prev.b, prev.scale)
         norm_cur = norm_cur + adapter_inner(a, b, s, a, b, s)
     # The Gram form of a squared norm can round a hair below zero; clamp before the root.
-    denominator = torch.sqrt(norm_prev.clamp_min(eps) * norm_cur.clamp_min(eps))
-    return 1.0 - cross / denominator
+    return 1.0 - cross / torch.sqrt(snapshot.squared_norm * norm_cur.clamp_min(eps))

@@ -186,7 +186,7 @@ class _Stage:
     layers: list
     optimizer: torch.optim.Optimizer
     sampler: RankSampler
-    snapshot: tuple  # adapters of the previous stage, or None
+    snapshot: object  # AdapterSnapshot of the previous stage, or None
     device: torch.device
     config: TrainConfig
     log: object

@@ -124,7 +124,7 @@ def test_domain_correlation_refuses_other_layers():
     layers = random_layers(count=2)
     snapshot = snapshot_adapters(layers)
     with pytest.raises(ValueError, match="2 layers but a snapshot of 1"):
-        domain_correlation(layers, snapshot[:1])
+        domain_correlation(layers, snapshot_adapters(layers[:1]))
     other = random_layers(count=2, in_features=8)
     with pytest.raises(ValueError, match="expected the same layer"):
         domain_correlation(other, snapshot)
