@@ -1,0 +1,72 @@
+"""The base GPT-2 and its tokenizer, by name: ``gpt2`` (or another hub id), a local checkpoint folder, or the embedded tiny base.
+
+Every name goes through the same ``GPT2LMHeadModel.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` calls; the embedded base is just a folder
+shipped in the package (``hybrid_lora/assets/tiny-gpt2``, trained by
+``scripts/train_tiny_base.py``). The tokenizer pads with EOS, as the original did.
+"""
+
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-gpt2"
+
+
+def pick_device(device=None):
+    """`device` as a torch.device; None or 'auto' means cuda when available, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_model(name_or_path):
+    """The string to give from_pretrained: the embedded folder, a local folder, or a hub id.
+
+    Raises FileNotFoundError for a path that does not exist (a name that starts
+    with '.', '/' or '~', or that names a missing folder next to a config.json).
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model {name_or_path!r}: expected 'embedded', 'gpt2' or a checkpoint folder")
+    if name_or_path == EMBEDDED_MODEL:
+        if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR} (reinstall the package)")
+        return str(EMBEDDED_MODEL_DIR)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {name_or_path!r} has no config.json; expected a GPT-2 checkpoint folder")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+    return name_or_path  # a hub id such as "gpt2"
+
+
+def load_tokenizer(name_or_path=EMBEDDED_MODEL):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; GPT-2 tokenizers pad with EOS")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(name_or_path=EMBEDDED_MODEL, device=None, dtype=torch.float32):
+    """(GPT2LMHeadModel in `dtype` on `device`, tokenizer padding with EOS), both from `name_or_path`."""
+    from transformers import GPT2LMHeadModel
+
+    location = resolve_model(name_or_path)
+    model = GPT2LMHeadModel.from_pretrained(location, dtype=dtype)
+    if model.config.model_type != "gpt2":
+        raise ValueError(f"model {name_or_path!r} is a {model.config.model_type!r}; expected a GPT-2 checkpoint")
+    model.config.pad_token_id = model.config.eos_token_id
+    tokenizer = load_tokenizer(name_or_path)
+    return model.to(pick_device(device)), tokenizer
