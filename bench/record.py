@@ -55,12 +55,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def commit() -> str:
-    """The short commit hash, with '-dirty' when the code under measurement has uncommitted changes."""
+def commit(paths=_CODE_PATHS) -> str:
+    """The short commit hash, with '-dirty' when `paths` (the code under measurement) have uncommitted changes."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", *_CODE_PATHS], cwd=REPO_ROOT,
+        status = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO_ROOT,
                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
