@@ -191,6 +191,10 @@ def run_pipeline(name, seq_len, config: E2EConfig, device):
     raise ValueError(f"pipeline {name!r}: expected one of {PIPELINES}")
 
 
+def _sig(value):
+    return float(f"{value:.6g}")
+
+
 def run(config: E2EConfig, device, log=print):
     run_stamp = stamp(device)
     timer = "CPU timing (perf_counter)" if device.type == "cpu" else "perf_counter after cuda synchronize"
@@ -211,10 +215,9 @@ def run(config: E2EConfig, device, log=print):
                 continue
             if name == "original":
                 original_s = step_s
-            row.update(step_ms=round(step_s * 1e3, 4),
-                       tokens_per_s=round(config.batch_size * seq_len / step_s, 1),
-                       peak_mem_bytes=peak, projected_stage_s=round(config.stage_steps * step_s, 2),
-                       speedup_vs_original=round(original_s / step_s, 4) if original_s else math.nan,
+            row.update(step_ms=_sig(step_s * 1e3), tokens_per_s=_sig(config.batch_size * seq_len / step_s),
+                       peak_mem_bytes=peak, projected_stage_s=_sig(config.stage_steps * step_s),
+                       speedup_vs_original=_sig(original_s / step_s) if original_s else math.nan,
                        status="ok")
             rows.append(row)
             log(f"seq {seq_len} {name:12s} {row['step_ms']:.2f} ms/step {row['tokens_per_s']:.0f} tok/s "
