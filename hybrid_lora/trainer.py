@@ -90,6 +90,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected a finite number >= 0")
         if self.dylora not in DYLORA_MODES:
             raise ValueError(f"TrainConfig.dylora={self.dylora!r}; expected one of {DYLORA_MODES}")
+        if self.device:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"TrainConfig.device={self.device!r}; expected '' (automatic), 'cpu', 'cuda' "
+                                 "or 'cuda:N'") from err
         if self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {tuple(AUTOCAST_DTYPES)}")
         check_rank_schedule(self.rank_schedule, self.r_max, self.epochs)
@@ -282,8 +288,7 @@ def run_continual(model, domains, config, log=None):
     model: a GPT-2 LM whose target modules already hold LoRAConv1D adapters of
     width config.r_max (see ``load_model``), on any device; it is moved to
     config's device. domains: a sequence of ``Domain`` or (name, train, eval)
-    triples. log: called with each
-    history row as it is made.
+    triples. log: called with each history row as it is made.
 
     Returns a JSON-ready dict: "initial" (each domain before training),
     "accuracy" and "loss" (T x T, [stage][domain]), "retention",

@@ -68,6 +68,7 @@ def adapter_tensors(model):
     ("lora_dropout", 1.0, r"lora_dropout=1.0; expected a probability in \[0, 1\)"),
     ("dylora", "sometimes", "dylora='sometimes'; expected one of"),
     ("dtype", "float16", "dtype='float16'; expected one of"),
+    ("device", "gpu0", r"device='gpu0'; expected '' \(automatic\), 'cpu', 'cuda' or 'cuda:N'"),
     ("rank_schedule", (64, 128, 16), r"rank 128 is outside \[1, 64\]"),
     ("sweep_ranks", (0,), r"rank 0 is outside \[1, 64\]"),
 ])
