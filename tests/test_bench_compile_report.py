@@ -2,8 +2,9 @@
 
 The compile test builds, per kernel, the configs a GPU run's autotuner chose (from the latest committed
 bench/results file with autotune rows) or, before any GPU run, the first config of each kernel that can
-launch on sm_90, at GPT-2's shape with r = 64 and dropout on (the original's settings). It fails when such
-a config spills, or when a frozen-weight GEMM kernel has no HGMMA.
+launch on sm_90, at GPT-2's shape as training runs it (bf16 x, fp32 adapters under autocast, r = 64 and
+dropout on: the original's settings). It fails when such a config spills, or when a frozen-weight GEMM
+kernel has no HGMMA. bench/results/compile-sm90.md covers every config, rank bucket and adapter dtype.
 """
 
 import sys
@@ -75,7 +76,8 @@ def test_chosen_configs_compile_for_sm90_without_spills_and_gemms_use_hgmma(tmp_
     chosen = _chosen_file()
     selection = ["--configs", "chosen", "--chosen", chosen] if chosen else ["--configs", "first-fit"]
     run = run_without_interpreter("bench.compile_report", [
-        *selection, "--ranks", 64, "--dropouts", 0.05, "--jobs", 2, "--out-dir", tmp_path, "--name", "chosen"],
+        *selection, "--ranks", 64, "--dropouts", 0.05, "--adapter-dtypes", "fp32", "--jobs", 2,
+        "--out-dir", tmp_path, "--name", "chosen"],
         timeout=600, check=False)
     csv_path = tmp_path / "chosen.csv"
     assert csv_path.exists(), f"no report written:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
