@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .record import REPO_ROOT, RESULTS_DIR, atomic_write_text, commit, parse_dtype, read_csv, utc_now, write_csv
@@ -41,7 +41,8 @@ SM90_REGISTERS_PER_SM = 65536
 MAX_REGISTERS_PER_THREAD = 255
 GPT2 = dict(M=8192, K=768, N=2304)
 
-COLUMNS = ["kernel", "role", "dtype", "adapter_dtype", "block_r", "dropout", "used_by", "pruned_configs", "config", "num_warps", "num_stages",
+COLUMNS = ["kernel", "role", "dtype", "adapter_dtype", "block_r", "dropout", "used_by", "pruned_configs", "config",
+           "num_warps", "num_stages",
            "registers", "local_bytes", "stack_bytes", "spill_instructions", "static_shared_bytes",
            "dynamic_shared_bytes", "can_launch", "hgmma", "hmma", "compile_s", "status", "target", "triton",
            "ptxas", "kernels_sha256", "commit", "date"]
@@ -310,7 +311,7 @@ def violations(rows) -> list:
 # --- output ------------------------------------------------------------------------------------------
 
 def markdown(rows, header: dict) -> str:
-    lines = [f"# Hopper (sm_90) compile report", "",
+    lines = ["# Hopper (sm_90) compile report", "",
              f"Compiled without a GPU for `{header['target']}` with Triton {header['triton']}, "
              f"ptxas {header['ptxas']}; kernels sha256 `{header['kernels_sha256']}`, commit `{header['commit']}`, "
              f"{header['date']} (the commit is marked -dirty when kernels/ had uncommitted changes). "
@@ -358,7 +359,8 @@ def markdown(rows, header: dict) -> str:
         shared = int(row["dynamic_shared_bytes"]) + int(row["static_shared_bytes"])
         lines.append(f"| `{row['kernel']}` | {row['dtype']} | {row['adapter_dtype']} | {row['block_r']} "
                      f"| {row['dropout']} | {row['config']} "
-                     f"| {row['registers']} | {row['stack_bytes']} | {row['local_bytes']} | {row['spill_instructions']} | {shared} "
+                     f"| {row['registers']} | {row['stack_bytes']} | {row['local_bytes']} "
+                     f"| {row['spill_instructions']} | {shared} "
                      f"| {row['can_launch']} | {row['hgmma']} | {row['hmma']} | {row['compile_s']} |")
     return "\n".join(lines) + "\n"
 
@@ -393,7 +395,8 @@ def main(argv=None):
     shape = dict(M=args.M, K=args.K, N=args.N)
     # Stamped before compiling: the sources read at import are the ones compiled.
     header = {"target": "cuda sm_90 (GPUTarget('cuda', 90, 32))", "triton": triton.__version__,
-              "ptxas": ptxas_version(), "kernels_sha256": kernels_sha256(), "commit": commit(("kernels",)), "date": utc_now(),
+              "ptxas": ptxas_version(), "kernels_sha256": kernels_sha256(), "commit": commit(("kernels",)),
+              "date": utc_now(),
               **shape}
     adapter_dtypes = [None if d == "same" else parse_dtype(d) for d in args.adapter_dtypes]
     jobs = plan(args.ranks, [parse_dtype(d) for d in args.dtypes], args.dropouts, mode=args.configs,

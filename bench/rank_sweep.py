@@ -14,10 +14,8 @@ A new variant inside a bucket is a recompile the design forbids.
 """
 
 import argparse
-import math
 import json
-
-import torch
+import math
 
 from .launches import interpreter_enabled, run_without_interpreter, variant_counts
 from .providers import LayerShape, LayerWeights, build_layer, flops

@@ -121,7 +121,8 @@ def rank_sweep_markdown(rows) -> str:
 
 
 def memory_markdown(rows) -> str:
-    out = ["| provider | M | K | N | r | dtype | dropout | saved bytes | / (X + S) | saved tensors | peak fwd+bwd bytes |",
+    out = ["| provider | M | K | N | r | dtype | dropout | saved bytes | / (X + S) | saved tensors "
+           "| peak fwd+bwd bytes |",
            "|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     for row in rows:
         out.append(f"| {row['provider']} | {row['M']} | {row['K']} | {row['N']} | {row['r']} | {row['dtype']} "
@@ -179,7 +180,8 @@ def targets(results) -> list:
             if fused and other:
                 gain = _num(other["median_ms"]) / _num(fused["median_ms"])
                 word = "faster than" if strict else f">= {bound:.1f}x faster than"
-                speed(f"fused fwd+bwd {word} {peer} at r = {r}", f"{gain:.2f}x", gain > bound if strict else gain >= bound)
+                speed(f"fused fwd+bwd {word} {peer} at r = {r}", f"{gain:.2f}x",
+                      gain > bound if strict else gain >= bound)
     sweep = results.get("rank_sweep", [])
     if sweep:
         from .rank_sweep import recompiles_within_buckets
