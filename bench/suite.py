@@ -174,14 +174,28 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--skip", nargs="*", default=[], help=f"steps to leave out, of {STEPS}")
     parser.add_argument("--workers", type=int, default=None, help="precompile processes (default: CPUs - 2)")
+    parser.add_argument("--precompile-only", action="store_true",
+                        help="only fill Triton's compile cache for this GPU (before the correctness tests)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     if device.type != "cuda" and not args.tiny:
         parser.error(f"device {device.type!r}: the full sizes need a CUDA device; add --tiny for a CPU check")
     config = tiny_config() if args.tiny else SuiteConfig()
+    workers = args.workers or max(1, (os.cpu_count() or 2) - 2)
+    if args.precompile_only:
+        if device.type != "cuda":
+            print("precompile: nothing to do without CUDA (the interpreter compiles nothing)")
+            return
+        start = time.perf_counter()
+        rows = precompile(config, device, workers)
+        failed = [row for row in rows if row["status"] != "ok"]
+        print(f"precompile: {len(rows)} configs in {time.perf_counter() - start:.0f} s, {len(failed)} failed")
+        for row in failed:
+            print(f"  {row['kernel']} [{row['config']}]: {row['status']}")
+        return
     from pathlib import Path
 
-    run(config, device, Path(args.out_dir), skip=args.skip, workers=args.workers)
+    run(config, device, Path(args.out_dir), skip=args.skip, workers=workers)
 
 
 if __name__ == "__main__":

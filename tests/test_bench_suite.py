@@ -110,7 +110,12 @@ def test_readme_section_says_plainly_when_no_gpu_result_exists(tmp_path, tiny_ru
 def test_gpu_check_dry_run_lists_its_steps():
     out = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--dry-run"], capture_output=True, text=True,
                          check=True).stdout
-    assert "tests/test_bench_gpu.py" in out and "-m bench.suite" in out and "bench.report --readme" in out
+    steps = out.splitlines()
+    assert len(steps) == 4
+    assert "bench.suite --precompile-only" in steps[0]  # the compile cache first: the tests autotune
+    assert "tests/test_bench_gpu.py" in steps[1]
+    assert "-m bench.suite" in steps[2] and "--skip precompile" in steps[2]
+    assert "bench.report --readme" in steps[3]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
