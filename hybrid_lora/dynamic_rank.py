@@ -18,6 +18,12 @@ import torch
 DYLORA_MODES = ("off", "frozen", "full")
 
 
+def check_rank(rank, r_max, where):
+    """Raise, naming `where`, unless `rank` is an integer in [1, r_max]."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+        raise ValueError(f"{where}: rank {rank!r} is outside [1, {r_max}] (r_max)")
+
+
 def check_rank_schedule(schedule, r_max, epochs):
     """Raise unless `schedule` is a non-increasing sequence of ranks in [1, r_max], no longer than `epochs`."""
     schedule = tuple(schedule)
@@ -25,8 +31,7 @@ def check_rank_schedule(schedule, r_max, epochs):
         raise ValueError(f"rank schedule {schedule} has {len(schedule)} entries; expected at most {epochs} "
                          "(one per epoch)")
     for rank in schedule:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
-            raise ValueError(f"rank schedule {schedule}: rank {rank!r} is outside [1, {r_max}] (r_max)")
+        check_rank(rank, r_max, f"rank schedule {schedule}")
     if any(later > earlier for earlier, later in zip(schedule, schedule[1:])):
         raise ValueError(f"rank schedule {schedule}: expected non-increasing ranks (a cut adapter cannot grow)")
     return schedule
@@ -89,9 +94,8 @@ def truncate_adapters(layers, rank, optimizer=None, reset_state=False):
     the step count stay. ``reset_state`` drops the state of the cut parameters
     instead. Returns the number of adapter parameters left.
     """
-    for layer in layers:
-        if not 1 <= rank <= layer.r_max:
-            raise ValueError(f"truncate_adapters: rank {rank} is outside [1, {layer.r_max}] (the layer's r_max)")
+    for layer in layers:  # all checked before any is cut
+        check_rank(rank, layer.r_max, "truncate_adapters")
     for layer in layers:
         old_shapes = {layer.lora_a: layer.lora_a.shape, layer.lora_b: layer.lora_b.shape}
         layer.truncate_(rank)

@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader
 
-from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank_schedule, freeze_leading_grads,
-                           scheduled_rank, truncate_adapters)
+from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
+                           freeze_leading_grads, scheduled_rank, truncate_adapters)
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, causal_lm_loss, evaluate, final_minus_own, model_logits, move_batch, retention
 from .models import pick_device
@@ -95,9 +95,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {tuple(AUTOCAST_DTYPES)}")
         check_rank_schedule(self.rank_schedule, self.r_max, self.epochs)
         for rank in self.sweep_ranks:
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.r_max:
-                raise ValueError(f"TrainConfig.sweep_ranks={self.sweep_ranks}: rank {rank!r} is outside "
-                                 f"[1, {self.r_max}] (r_max)")
+            check_rank(rank, self.r_max, f"TrainConfig.sweep_ranks={self.sweep_ranks}")
 
 
 # The four arms of the comparison: DyLoRA (ordering penalty, sampled rank and
