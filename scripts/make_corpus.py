@@ -167,26 +167,24 @@ def draw_person_facts(rng, name):
     return facts
 
 
-def fact_table(rng, avoid=None):
-    """One fixed value per (person, slot) and (town, slot); where `avoid` is given, every value differs from it."""
-    def draw(values, forbidden):
-        choices = [v for v in values if v not in forbidden]
-        return rng.choice(choices)
+def palettes(rng):
+    """Two disjoint sets of values for every slot, one per domain, each about a quarter of the values (at least 2)."""
+    chosen = {"a": {}, "b": {}}
+    for slot, values in {**PERSON_SLOTS, **TOWN_SLOTS}.items():
+        shuffled = list(values)
+        rng.shuffle(shuffled)
+        k = max(2, len(values) // 4)
+        chosen["a"][slot], chosen["b"][slot] = shuffled[:k], shuffled[k:2 * k]
+    return chosen
 
+
+def fact_table(rng, palette):
+    """One fixed value per (person, slot) and (town, slot), drawn from the domain's palette."""
     people = {}
     for name in PEOPLE:
-        other = avoid["people"][name] if avoid else {}
-        facts = {}
-        for slot, values in PERSON_SLOTS.items():
-            forbidden = {other.get(slot)}
-            if slot == "friend":
-                forbidden.add(name)
-            facts[slot] = draw(values, forbidden)
-        people[name] = facts
-    towns = {}
-    for town in TOWNS:
-        other = avoid["towns"][town] if avoid else {}
-        towns[town] = {slot: draw(values, {other.get(slot)}) for slot, values in TOWN_SLOTS.items()}
+        # Nobody is their own best friend; every palette has at least two values, so one is left.
+        people[name] = {slot: rng.choice([v for v in palette[slot] if v != name]) for slot in PERSON_SLOTS}
+    towns = {town: {slot: rng.choice(palette[slot]) for slot in TOWN_SLOTS} for town in TOWNS}
     return {"people": people, "towns": towns}
 
 
@@ -233,8 +231,9 @@ def build(out_dir, seed=2024, n_train=3000, n_eval=1000, n_general=12000, n_gene
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One generator per part, so that changing one part's size leaves the others unchanged.
-    table_a = fact_table(random.Random(f"{seed}-facts-a"))
-    table_b = fact_table(random.Random(f"{seed}-facts-b"), avoid=table_a)
+    palette = palettes(random.Random(f"{seed}-palettes"))
+    table_a = fact_table(random.Random(f"{seed}-facts-a"), palette["a"])
+    table_b = fact_table(random.Random(f"{seed}-facts-b"), palette["b"])
     parts = {"general.train": general_documents(random.Random(f"{seed}-general-train"), n_general)}
     parts["general.eval"] = general_documents(random.Random(f"{seed}-general-eval"), n_general_eval,
                                               exclude=frozenset(parts["general.train"]))
@@ -246,7 +245,8 @@ def build(out_dir, seed=2024, n_train=3000, n_eval=1000, n_general=12000, n_gene
                                                             exclude=frozenset(train))
     for name, docs in parts.items():
         write_lines_gz(out_dir / f"{name}.txt.gz", docs)
-    facts = {"seed": seed, "embedded-a": table_a, "embedded-b": table_b}
+    facts = {"seed": seed, "palettes": {"embedded-a": palette["a"], "embedded-b": palette["b"]},
+             "embedded-a": table_a, "embedded-b": table_b}
     tmp = out_dir / "facts.json.tmp"
     tmp.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, out_dir / "facts.json")

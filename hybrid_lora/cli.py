@@ -1,0 +1,416 @@
+"""The ``hybrid-lora`` command line: train, eval, compare, export.
+
+    hybrid-lora train                      # the embedded default: hybrid, seed 42, CPU or GPU
+    hybrid-lora train --model gpt2 --domains imdb yelp_polarity     # the original experiment
+    hybrid-lora compare --variants lora_only hybrid --seeds 42 43 44
+    hybrid-lora eval runs/hybrid/seed-42/adapters/stage2-embedded-b.safetensors --sweep
+    hybrid-lora export ADAPTER --rank 16 --peft out/peft --merged out/merged
+
+Every training hyperparameter is a flag whose default is the original
+experiment's. The four method flags (--lambda-order, --lambda-dc, --dylora,
+--rank-schedule) default to what --variant sets; given explicitly they win.
+Bad values exit with status 2 and a message naming the value.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from .data import resolve_domain
+from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, train_config
+from .files import read_json, write_json, write_text
+from .trainer import VARIANTS, TrainConfig
+
+_DEFAULTS = TrainConfig.__dataclass_fields__
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _default(name):
+    return _DEFAULTS[name].default
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return value
+
+
+def _add_runtime(parser):
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 avoids slowdowns on a busy CPU")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="LoRA layer path: triton kernels, plain torch, or auto (triton where it can run)")
+
+
+def _add_data(parser, train=True):
+    parser.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS), metavar="DATASET",
+                        help="domains in training order: imdb, yelp_polarity, embedded-a, embedded-b, or a "
+                             ".txt/.jsonl/.csv file (default: %(default)s)")
+    if train:
+        parser.add_argument("--train-examples", type=_positive_int, default=3000,
+                            help="training examples per domain (default: %(default)s, the original's)")
+    parser.add_argument("--eval-examples", type=_positive_int, default=1000,
+                        help="evaluation examples per domain (default: %(default)s, the original's)")
+    parser.add_argument("--max-length", type=_positive_int, default=128, help="tokens per example (default: %(default)s)")
+
+
+def _add_training(parser, variant_flag):
+    if variant_flag:
+        parser.add_argument("--variant", choices=tuple(VARIANTS), default="hybrid",
+                            help="lora_only, dy_only (DyLoRA), dc_only (domain correlation) or hybrid (both); "
+                                 "default: %(default)s")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                        help="one run per seed (default: 42 for train, 42 43 44 for compare)")
+    parser.add_argument("--model", default="embedded",
+                        help="base model: embedded (the tiny shipped GPT-2), gpt2, or a local GPT-2 folder "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/<variant> or runs/compare)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep runs whose metrics.json already exists; others restart from their beginning")
+    parser.add_argument("--no-plots", action="store_true", help="draw no PNG plots")
+    hp = parser.add_argument_group("hyperparameters (defaults: the original experiment's)")
+    hp.add_argument("--r-max", type=_positive_int, default=_default("r_max"), help="LoRA rank at the start (%(default)s)")
+    hp.add_argument("--alpha", type=float, default=_default("alpha"), help="LoRA alpha; scale = alpha / rank (%(default)s)")
+    hp.add_argument("--lora-dropout", type=float, default=_default("lora_dropout"), help="(%(default)s)")
+    hp.add_argument("--target-modules", nargs="+", default=list(_default("target_modules")), help="(%(default)s)")
+    hp.add_argument("--batch-size", type=_positive_int, default=_default("batch_size"), help="(%(default)s)")
+    hp.add_argument("--epochs", type=_positive_int, default=_default("epochs"), help="per domain (%(default)s)")
+    hp.add_argument("--lr", type=float, default=_default("lr"), help="AdamW learning rate (%(default)s)")
+    hp.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="(%(default)s)")
+    hp.add_argument("--lambda-order", type=float, default=None,
+                    help=f"ordering penalty weight (default: the variant's; {_default('lambda_order')} when on)")
+    hp.add_argument("--lambda-dc", type=float, default=None,
+                    help=f"domain-correlation weight (default: the variant's; {_default('lambda_dc')} when on)")
+    hp.add_argument("--dylora", choices=("off", "frozen", "full"), default=None,
+                    help=f"DyLoRA sampled rank per step (default: the variant's; {_default('dylora')} when on)")
+    hp.add_argument("--rank-schedule", nargs="*", type=int, default=None, metavar="RANK",
+                    help="rank per epoch of each later stage (default: the variant's; r_max halved each epoch "
+                         "when on, 64 32 16; give no value to keep r_max)")
+    hp.add_argument("--reset-optimizer-on-rank-change", action="store_true",
+                    help="drop AdamW's moments at a rank cut instead of keeping those of the kept components")
+    hp.add_argument("--eval-batch-size", type=_positive_int, default=_default("eval_batch_size"), help="(%(default)s)")
+    hp.add_argument("--sweep-ranks", nargs="*", type=int, default=None, metavar="RANK",
+                    help="after each stage, evaluate at these ranks (default: powers of two up to r_max)")
+    hp.add_argument("--log-every", type=_non_negative_int, default=_default("log_every"),
+                    help="steps between train-loss rows; 0: epochs only (%(default)s)")
+    hp.add_argument("--dtype", choices=("float32", "bfloat16"), default=_default("dtype"),
+                    help="autocast dtype of the frozen model (%(default)s)")
+    budget = parser.add_argument_group("budget")
+    budget.add_argument("--max-steps", type=_non_negative_int, default=0,
+                        help="if > 0, at most this many steps per epoch (keeps the first max_steps * batch_size "
+                             "training examples)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="hybrid-lora", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train both stages (or every domain given) for each seed")
+    _add_training(train, variant_flag=True)
+    _add_data(train)
+    _add_runtime(train)
+
+    compare = commands.add_parser("compare", help="several variants over several seeds; mean ± std table")
+    compare.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    _add_training(compare, variant_flag=False)
+    _add_data(compare)
+    _add_runtime(compare)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved adapter at a rank, or over a sweep of ranks")
+    evaluate.add_argument("adapter", help="an adapter file written by train (adapters/*.safetensors)")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=int, default=None, help="rank to evaluate at (default: the adapter's)")
+    which.add_argument("--sweep", nargs="*", type=int, default=None, metavar="RANK",
+                       help="evaluate at each of these ranks (no value: powers of two up to r_max)")
+    evaluate.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=_default("eval_batch_size"))
+    evaluate.add_argument("--out", default=None, help="also write the results to this JSON file")
+    _add_data(evaluate, train=False)
+    _add_runtime(evaluate)
+
+    export = commands.add_parser("export", help="write an adapter at a rank in peft's format and/or merged weights")
+    export.add_argument("adapter", help="an adapter file written by train (adapters/*.safetensors)")
+    export.add_argument("--rank", type=int, default=None, help="rank to export (default: the adapter's)")
+    export.add_argument("--peft", default=None, metavar="DIR",
+                        help="folder for adapter_config.json + adapter_model.safetensors (peft.PeftModel)")
+    export.add_argument("--merged", default=None, metavar="DIR", help="folder for a GPT-2 checkpoint with W + delta_W")
+    export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    export.add_argument("--device", default="cpu", help="device to merge on (default: %(default)s)")
+    for sub in (train, compare, evaluate, export):
+        sub.set_defaults(parser=sub)
+    return parser
+
+
+@contextlib.contextmanager
+def _backend(name, device):
+    """Set HYBRID_LORA_BACKEND (and the Triton interpreter for Triton on a CPU) for the command, then restore."""
+    saved = {key: os.environ.get(key) for key in ("HYBRID_LORA_BACKEND", "TRITON_INTERPRET")}
+    try:
+        if name != "auto":
+            os.environ["HYBRID_LORA_BACKEND"] = name
+        if name == "triton" and device.type == "cpu":
+            # The interpreter is read when triton is imported, which has not happened yet in this process.
+            os.environ["TRITON_INTERPRET"] = "1"
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check_backend(parser, name, device):
+    if name != "triton":
+        return
+    from .backend import triton_installed
+
+    if not triton_installed():
+        parser.error("--backend triton: triton is not installed")
+    if device.type == "cpu" and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        parser.error("--backend triton on the CPU needs TRITON_INTERPRET=1 before triton is imported; "
+                     "set it in the environment")
+
+
+def _device(parser, text):
+    from .models import pick_device
+
+    try:
+        return pick_device(text)
+    except ValueError as err:
+        parser.error(f"--device: {err}")
+
+
+def _check_domains(parser, names):
+    for name in names:
+        try:
+            resolve_domain(name)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(f"--domains: {err}")
+
+
+def _check_model(parser, name):
+    from .models import resolve_model
+
+    try:
+        return resolve_model(name)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(f"--model: {err}")
+
+
+def _overrides(args):
+    """TrainConfig fields the user set, or that every run shares; the four method flags only when given."""
+    overrides = {
+        "r_max": args.r_max, "alpha": args.alpha, "lora_dropout": args.lora_dropout,
+        "target_modules": tuple(args.target_modules), "batch_size": args.batch_size, "epochs": args.epochs,
+        "lr": args.lr, "weight_decay": args.weight_decay,
+        "reset_optimizer_on_rank_change": args.reset_optimizer_on_rank_change,
+        "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
+        "device": "" if args.device == "auto" else args.device,
+    }
+    for flag in ("lambda_order", "lambda_dc", "dylora", "rank_schedule"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[flag] = tuple(value) if flag == "rank_schedule" else value
+    if args.sweep_ranks is not None:
+        overrides["sweep_ranks"] = tuple(args.sweep_ranks)
+    elif isinstance(args.r_max, int):
+        overrides["sweep_ranks"] = tuple(sorted({1 << k for k in range(args.r_max.bit_length())} | {args.r_max}))
+    return overrides
+
+
+def _specs(parser, args, variants):
+    """One RunSpec per (variant, seed), each checked by building its TrainConfig (bad values exit 2)."""
+    data = DataSpec(domains=tuple(args.domains), train_examples=args.train_examples,
+                    eval_examples=args.eval_examples, max_length=args.max_length, max_steps=args.max_steps)
+    overrides = _overrides(args)
+    specs = []
+    for variant in variants:
+        for seed in args.seeds:
+            spec = RunSpec(variant=variant, seed=seed, model=args.model, data=data, overrides=overrides)
+            try:
+                train_config(spec)
+            except ValueError as err:
+                parser.error(str(err))
+            specs.append(spec)
+    return specs
+
+
+def _run_all(specs, out_dir, by_variant, args):
+    """Run (or, with --resume, reuse) every spec; returns {variant: [metrics]}. Data is tokenized once."""
+    from .models import load_tokenizer
+
+    tokenizer, domains, results = None, None, {}
+    for spec in specs:
+        run_dir = out_dir / spec.variant / f"seed-{spec.seed}" if by_variant else out_dir / f"seed-{spec.seed}"
+        if args.resume and is_finished(run_dir):
+            print(f"== {spec.variant}, seed {spec.seed}: finished earlier, kept ({run_dir})")
+            results.setdefault(spec.variant, []).append(read_json(run_dir / "metrics.json"))
+            continue
+        if tokenizer is None:
+            tokenizer = load_tokenizer(spec.model)
+            domains = prepare_domains(spec.data, tokenizer, args.batch_size)
+        metrics = run(spec, run_dir, domains=domains, tokenizer=tokenizer, plot=not args.no_plots)
+        s = metrics["summary"]
+        if "forgetting" in s:
+            print(f"== {spec.variant}, seed {spec.seed}: retention {s['retention']}, forgetting {s['forgetting']:.4f}, "
+                  f"{s['wall_seconds']:.0f}s")
+        results.setdefault(spec.variant, []).append(metrics)
+    return results
+
+
+def _write_summary(results, out_dir, args, plot_title_columns=None):
+    from .plots import plot_comparison
+    from .summary import aggregate, headline_columns, markdown_table
+
+    domains = next(iter(results.values()))[0]["domains"]
+    table = aggregate({variant: [m["summary"] for m in runs] for variant, runs in results.items()})
+    columns = headline_columns(domains)
+    text = markdown_table(table, columns)
+    write_json(out_dir / "summary.json", {"columns": columns, "table": table, "domains": domains,
+                                          "runs": {v: [f"{v}/seed-{m['seed']}" for m in runs]
+                                                   for v, runs in results.items()}})
+    write_text(out_dir / "summary.md", text)
+    print(text)
+    if not args.no_plots and len(domains) > 1:
+        plot_columns = {k: columns[k] for k in (f"acc_{domains[0]}_own", f"acc_{domains[0]}_final",
+                                                "forgetting", f"acc_{domains[-1]}_final")}
+        plot_comparison(table, plot_columns, out_dir / "comparison.png")
+    return table
+
+
+def _train(parser, args, variants, by_variant):
+    if args.seeds is None:
+        args.seeds = [42, 43, 44] if by_variant else [42]
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {args.seeds}: a seed is repeated")
+    device = _device(parser, args.device)
+    _check_model(parser, args.model)
+    _check_domains(parser, args.domains)
+    _check_backend(parser, args.backend, device)
+    specs = _specs(parser, args, variants)
+    if args.model == "embedded" and args.lr == _default("lr"):
+        print(f"note: at the original lr {args.lr:g} the tiny embedded base barely moves in {args.epochs} epochs; "
+              "the README's runs use --lr 1e-3")
+    out_dir = Path(args.out or (Path("runs") / ("compare" if by_variant else args.variant)))
+    write_json(out_dir / "command.json", {"argv": sys.argv[1:],
+                                          "args": {k: v for k, v in vars(args).items() if k != "parser"}})
+    with _backend(args.backend, device):
+        results = _run_all(specs, out_dir, by_variant, args)
+    if by_variant or len(args.seeds) > 1:
+        _write_summary(results, out_dir, args)
+    print(f"outputs in {out_dir}")
+    return 0
+
+
+def _load_adapter_model(parser, args):
+    from .adapter_files import attach_adapter, read_adapter
+    from .models import load_model_and_tokenizer
+
+    try:
+        _, metadata = read_adapter(args.adapter)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"adapter: {err}")
+    model_name = args.model or metadata["base_model"]
+    _check_model(parser, model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, device="cpu")
+    attach_adapter(model, args.adapter, dropout=0.0)
+    return model, tokenizer, metadata, model_name
+
+
+def _check_rank(parser, flag, rank, r_max):
+    if not 1 <= rank <= r_max:
+        parser.error(f"{flag} {rank}: outside [1, {r_max}] (the adapter's r_max)")
+
+
+def _eval(parser, args):
+    from torch.utils.data import DataLoader
+
+    from .data import load_domain
+    from .layer import set_rank
+    from .metrics import evaluate
+
+    device = _device(parser, args.device)
+    _check_domains(parser, args.domains)
+    _check_backend(parser, args.backend, device)
+    model, tokenizer, metadata, _ = _load_adapter_model(parser, args)
+    r_max = metadata["r_max"]
+    if args.sweep is not None:
+        ranks = args.sweep or sorted({1 << k for k in range(r_max.bit_length())} | {r_max})
+        flag = "--sweep"
+    else:
+        ranks = [args.rank if args.rank is not None else metadata["rank"]]
+        flag = "--rank"
+    for rank in ranks:
+        _check_rank(parser, flag, rank, r_max)
+    model.to(device)
+    results = {"adapter": str(args.adapter), "r_max": r_max, "by_domain": {}}
+    with _backend(args.backend, device):
+        for name in args.domains:
+            domain_name, _, examples = load_domain(name, tokenizer, 0, args.eval_examples, args.max_length)
+            loader = DataLoader(examples, batch_size=args.batch_size, shuffle=False)
+            by_rank = {}
+            for rank in ranks:
+                set_rank(model, rank)
+                by_rank[rank] = evaluate(model, loader, device)
+                print(f"{domain_name:>16}  rank {rank:3d}  loss {by_rank[rank]['loss']:.4f}  "
+                      f"accuracy {by_rank[rank]['accuracy']:.4f}")
+            results["by_domain"][domain_name] = by_rank
+    if args.out:
+        write_json(args.out, results)
+    return 0
+
+
+def _export(parser, args):
+    from .export import export_merged, export_peft
+
+    if not args.peft and not args.merged:
+        parser.error("export: give --peft DIR, --merged DIR or both")
+    model, tokenizer, metadata, model_name = _load_adapter_model(parser, args)
+    rank = args.rank if args.rank is not None else metadata["rank"]
+    _check_rank(parser, "--rank", rank, metadata["r_max"])
+    model.to(_device(parser, args.device))
+    if args.peft:
+        export_peft(model, args.peft, rank, base_model_name_or_path=_check_model(parser, model_name))
+        print(f"peft adapter at rank {rank}: {args.peft}")
+    if args.merged:
+        export_merged(model, tokenizer, args.merged, rank)
+        print(f"merged GPT-2 checkpoint at rank {rank}: {args.merged}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    parser = args.parser  # the subcommand's parser: its errors show its own usage line
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command == "train":
+        return _train(parser, args, [args.variant], by_variant=False)
+    if args.command == "compare":
+        return _train(parser, args, args.variants, by_variant=True)
+    if args.command == "eval":
+        return _eval(parser, args)
+    return _export(parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

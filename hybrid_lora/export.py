@@ -1,0 +1,128 @@
+"""Exporting a trained adapter at rank r: in ``peft``'s LoRA format, or merged into full GPT-2 weights.
+
+peft's LoRA (Hu et al., 2022) computes, for a Conv1D with ``fan_in_fan_out``,
+y = x W + b + (lora_alpha / r) * x lora_A^T lora_B^T with lora_A.weight [r, in]
+and lora_B.weight [out, r]. Ours is y = x W + b + (alpha / r) x A[:, :r] B[:r, :]
+with A [in, r_max], B [r_max, out], so at rank r
+
+    lora_A.weight = A[:, :r]^T,  lora_B.weight = B[:r, :]^T,  lora_alpha = alpha,
+
+and ``peft.PeftModel.from_pretrained(base, folder)`` computes the same logits.
+The merged export folds s A[:, :r] B[:r, :] into each weight and saves a plain
+GPT-2 checkpoint that ``from_pretrained`` loads with no LoRA code at all.
+"""
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .adapter_files import named_adapters
+from .files import atomic_write, write_json
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _check_rank(model, rank):
+    adapters = named_adapters(model)
+    if not adapters:
+        raise ValueError("export: the model holds no LoRAConv1D adapter")
+    r_max = min(module.r_max for _, module in adapters)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+        raise ValueError(f"export: rank {rank!r} is outside [1, {r_max}] (the adapter's r_max)")
+    return adapters
+
+
+def peft_state(model, rank):
+    """(state dict, adapter_config dict) of the adapters of `model` at `rank`, in peft's LoRA layout."""
+    adapters = _check_rank(model, rank)
+    state = {}
+    for name, module in adapters:
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_a[:, :rank].detach().float().t().contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_b[:rank].detach().float().t().contiguous().cpu()
+    first = adapters[0][1]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": first.alpha,  # peft's scale lora_alpha / r equals ours, alpha / r
+        "lora_dropout": first.dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in adapters}),
+        "fan_in_fan_out": True,  # GPT-2's Conv1D stores weights as [in, out]
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return state, config
+
+
+def _replace_dir(staging, out_dir):
+    """Move the finished `staging` folder onto `out_dir` (replacing an older export)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out_dir)
+    return out_dir
+
+
+def export_peft(model, out_dir, rank, base_model_name_or_path=None):
+    """Write adapter_config.json and adapter_model.safetensors for `peft.PeftModel.from_pretrained`."""
+    from safetensors.torch import save_file
+
+    state, config = peft_state(model, rank)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json(out_dir / "adapter_config.json", config)
+    return out_dir
+
+
+def merged_model(model, rank):
+    """A copy of `model` whose LoRAConv1D layers are replaced by Conv1D holding W + s A[:, :r] B[:r, :]."""
+    from transformers.pytorch_utils import Conv1D
+
+    _check_rank(model, rank)
+    merged = copy.deepcopy(model)
+    for name, module in named_adapters(merged):
+        module.set_rank(rank)
+        conv = Conv1D(module.nf, module.nx).to(device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_((module.weight.float() + module.delta_weight()).to(module.weight.dtype))
+            if module.bias is not None:
+                conv.bias.copy_(module.bias)
+            else:
+                conv.bias.zero_()
+        parent_name, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent_name) if parent_name else merged, child, conv)
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged
+
+
+def export_merged(model, tokenizer, out_dir, rank):
+    """Save a plain GPT-2 checkpoint (safetensors, config, tokenizer) with the adapter at `rank` merged in."""
+    merged = merged_model(model, rank)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        return _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

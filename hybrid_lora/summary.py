@@ -1,0 +1,58 @@
+"""Tables across runs: mean ± standard deviation over seeds of each variant's headline numbers.
+
+The standard deviation is the sample one (n - 1 in the denominator), None for a single seed.
+"""
+
+import math
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "values": []}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "values": values}
+
+
+def headline_columns(domains):
+    """{column key of run_summary: its title} for a domain sequence; earlier domains first, then the last."""
+    first, last = domains[0], domains[-1]
+    columns = {f"acc_{first}_own": f"acc {first} after its stage"}
+    if len(domains) > 1:
+        columns[f"acc_{first}_final"] = f"acc {first} at the end"
+        columns["retention"] = f"retention of {first}" if len(domains) == 2 else None
+        columns["forgetting"] = "forgetting (acc lost)"
+        columns["loss_change"] = "loss change of earlier domains"
+        columns[f"acc_{last}_final"] = f"acc {last} at the end"
+        columns[f"loss_{last}_final"] = f"loss {last} at the end"
+    return {k: v for k, v in columns.items() if v is not None}
+
+
+def aggregate(runs):
+    """runs: {variant: [run_summary rows, one per seed]} -> {variant: {column: mean_std}}."""
+    table = {}
+    for variant, rows in runs.items():
+        keys = sorted({key for row in rows for key in row})
+        table[variant] = {key: mean_std([row.get(key) for row in rows]) for key in keys}
+    return table
+
+
+def _cell(stats, digits=4):
+    if stats["mean"] is None:
+        return "n/a"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown_table(table, columns):
+    """A Markdown table: one row per variant, one column per entry of `columns` ({key: title})."""
+    seeds = {variant: max(len(stats["values"]) for stats in row.values()) for variant, row in table.items()}
+    header = "| variant | seeds | " + " | ".join(columns.values()) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
+    lines = [header, rule]
+    for variant, row in table.items():
+        cells = [_cell(row[key]) if key in row else "n/a" for key in columns]
+        lines.append(f"| {variant} | {seeds[variant]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
