@@ -351,7 +351,8 @@ def readme_section(results_dir=RESULTS_DIR, readme_dir=README.parent) -> str:
     if not files:
         return ("No GPU result has been committed yet, so there is no performance table: nothing here has been "
                 "timed on a GPU. Run `bench/gpu_check` on a CUDA machine and commit `bench/results/` to fill it. "
-                "The Hopper compile report below needs no GPU and is real.")
+                "The Hopper compile report (`bench/results/compile-sm90.md`: registers, spills, shared memory and "
+                "HGMMA of every kernel config, compiled for sm_90 without a GPU) is real.")
     latest = files[-1]
     results = load([latest])
     body = markdown(results, "Latest GPU results", heading="###").split("\n", 2)[2]
