@@ -11,6 +11,10 @@ s = alpha / r. Neither touches training data.
   over the update matrices of all layers laid end to end. It pulls the
   adapter being trained towards the direction of the one a previous domain
   left (DC-LoRA, Smith et al., CVPRW 2025), storing only that adapter.
+- ``weight_correlation``: the original experiment's form, 1 - cos over the
+  adapter weights flattened, here on rank-aligned slices (A[:, :r], B[:r] of
+  both adapters, r the smaller rank) so that component i meets component i.
+  ``DC_MODES`` maps the trainer's mode names to the two.
 """
 
 from dataclasses import dataclass
@@ -111,3 +115,35 @@ def domain_correlation(layers, snapshot, eps=1e-12):
         norm_cur = norm_cur + adapter_inner(a, b, s, a, b, s)
     # The Gram form of a squared norm can round a hair below zero; clamp before the root.
     return 1.0 - cross / torch.sqrt(snapshot.squared_norm * norm_cur.clamp_min(eps))
+
+
+def weight_correlation(layers, snapshot, eps=1e-12):
+    """1 - cos(w_prev, w_cur) over the adapter weights flattened, rank-aligned. Scalar, fp32, with a gradient.
+
+    For each layer, r = min(current rank, stored rank) and the layer contributes
+    the vector [A[:, :r].flatten(), B[:r].flatten()] of each adapter; the vectors of
+    all layers are laid end to end. Scales are left out, as the original left them.
+    Unlike ``domain_correlation`` this depends on how each adapter splits its
+    update into components: a permutation of components changes it.
+    """
+    if not layers:
+        raise ValueError("weight_correlation: no LoRA layers given; expected at least one LoRAConv1D")
+    if len(layers) != len(snapshot.factors):
+        raise ValueError(f"weight_correlation: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
+                         "expected the same layers, in the same order")
+    cross = norm_prev = norm_cur = 0.0
+    for layer, prev in zip(layers, snapshot.factors):
+        a, b, _ = _factors(layer)
+        if prev.a.shape[0] != a.shape[0] or prev.b.shape[1] != b.shape[1]:
+            raise ValueError(f"weight_correlation: stored adapter maps {prev.a.shape[0]} -> {prev.b.shape[1]} "
+                             f"features, the layer {a.shape[0]} -> {b.shape[1]}; expected the same layer")
+        r = min(a.shape[1], prev.a.shape[1])
+        a, b, a_prev, b_prev = a[:, :r], b[:r], prev.a[:, :r], prev.b[:r]
+        cross = cross + (a * a_prev).sum() + (b * b_prev).sum()
+        norm_prev = norm_prev + a_prev.square().sum() + b_prev.square().sum()
+        norm_cur = norm_cur + a.square().sum() + b.square().sum()
+    return 1.0 - cross / torch.sqrt((norm_prev * norm_cur).clamp_min(eps))
+
+
+# L_DC by the trainer's mode name: "delta" compares update matrices, "weights" the factors.
+DC_MODES = {"delta": domain_correlation, "weights": weight_correlation}

@@ -15,9 +15,18 @@ accuracy[t][i] and loss[t][i] that retention and backward transfer are read from
 Each stage starts a fresh AdamW; within a stage, a rank cut keeps the state of
 the kept components. Only the adapters of the previous stage are stored for
 L_DC, never its data.
+
+``train_stage`` trains one domain; ``run_continual`` runs the sequence on it
+and evaluates. An optimizer step may sum ``grad_accum`` micro-batches. The
+data order of an epoch is a pure function of (seed, stage, epoch), and every
+other source of randomness (torch's generators, the DyLoRA sampler) is saved in
+the checkpoints (``checkpoint``), so a run killed at any point and resumed ends
+with the metrics of a run never interrupted.
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -26,13 +35,18 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from .adapter_files import named_adapters
+from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint,
+                         optimizer_to_checkpoint, require_equal, rng_from_checkpoint, rng_to_checkpoint,
+                         save_checkpoint, snapshot_from_checkpoint, snapshot_to_checkpoint)
 from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
                            freeze_leading_grads, scheduled_rank, truncate_adapters)
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, causal_lm_loss, evaluate, final_minus_own, model_logits, move_batch, retention
 from .models import pick_device
-from .regularizers import domain_correlation, order_penalty, snapshot_adapters
+from .regularizers import DC_MODES, order_penalty, snapshot_adapters
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -46,39 +60,48 @@ class TrainConfig:
     alpha: float = 32.0  # LoRA scale is alpha / r at the active rank r
     lora_dropout: float = 0.05  # dropout on the adapter's input, training only
     # optimisation (AdamW, constant learning rate, no clipping)
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size * grad_accum)
     epochs: int = 3  # per domain
     lr: float = 5e-5
     weight_decay: float = 0.01  # torch's AdamW default
     # the continual method
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
     lambda_dc: float = 0.1  # weight of the domain-correlation loss, stages after the first; 0 turns it off
+    dc_mode: str = "delta"  # L_DC over the update matrices ("delta") or the rank-aligned factors ("weights")
     dylora: str = "frozen"  # sampled rank per step: "off", "frozen" (official DyLoRA) or "full"
     rank_schedule: tuple = None  # rank per epoch of every stage after the first; () keeps r_max; None halves
     #                              r_max each epoch: (64, 32, 16) for the defaults, the original's schedule
     reset_optimizer_on_rank_change: bool = False  # drop AdamW's moments at a rank cut instead of keeping them
     # evaluation
     eval_batch_size: int = 8
-    sweep_ranks: tuple = ()  # after each stage, evaluate its domain at each of these ranks (no retraining)
-    log_every: int = 50  # steps between step rows in the history; 0 logs epochs only
+    sweep_ranks: tuple = None  # after each stage, evaluate its domain at these ranks (no retraining);
+    #                            None: 1, 2, 4, ... up to the adapter's rank, and that rank; (): no sweep
+    log_every: int = 50  # optimizer steps between step rows in the history; 0 logs epochs only
+    progress: bool = True  # a tqdm bar per epoch with the loss and rank (shown on a terminal only)
+    # checkpoints (written only when run_continual gets a checkpoint_dir)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch and stage only
     # runtime
     seed: int = 42  # adapter init, data order, dropout and rank sampling
     device: str = ""  # "" picks cuda if available, else cpu
-    dtype: str = "float32"  # autocast dtype of the frozen model: "float32" (none) or "bfloat16"
+    dtype: str = "auto"  # autocast dtype: "float32" (none), "bfloat16", or "auto": bfloat16 on CUDA, else float32
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
         if self.rank_schedule is None and isinstance(self.r_max, int) and isinstance(self.epochs, int):
             self.rank_schedule = tuple(max(1, self.r_max >> epoch) for epoch in range(max(self.epochs, 0)))
         self.rank_schedule = tuple(self.rank_schedule or ())
-        self.sweep_ranks = tuple(self.sweep_ranks)
+        if self.sweep_ranks is not None:
+            self.sweep_ranks = tuple(self.sweep_ranks)
         positive_ints = {"r_max": self.r_max, "batch_size": self.batch_size, "epochs": self.epochs,
-                         "eval_batch_size": self.eval_batch_size}
+                         "eval_batch_size": self.eval_batch_size, "grad_accum": self.grad_accum}
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an integer >= 1")
-        if isinstance(self.log_every, bool) or not isinstance(self.log_every, int) or self.log_every < 0:
-            raise ValueError(f"TrainConfig.log_every={self.log_every!r}; expected an integer >= 0")
+        for name in ("log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name}={value!r}; expected an integer >= 0")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"TrainConfig.alpha={self.alpha!r}; expected a finite number > 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -91,10 +114,12 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected a finite number >= 0")
         if self.dylora not in DYLORA_MODES:
             raise ValueError(f"TrainConfig.dylora={self.dylora!r}; expected one of {DYLORA_MODES}")
-        if self.dtype not in AUTOCAST_DTYPES:
-            raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {tuple(AUTOCAST_DTYPES)}")
+        if self.dc_mode not in DC_MODES:
+            raise ValueError(f"TrainConfig.dc_mode={self.dc_mode!r}; expected one of {tuple(DC_MODES)}")
+        if self.dtype != "auto" and self.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {('auto', *AUTOCAST_DTYPES)}")
         check_rank_schedule(self.rank_schedule, self.r_max, self.epochs)
-        for rank in self.sweep_ranks:
+        for rank in self.sweep_ranks or ():
             check_rank(rank, self.r_max, f"TrainConfig.sweep_ranks={self.sweep_ranks}")
 
 
@@ -137,6 +162,13 @@ def _as_domain(item):
     return domain
 
 
+def resolved_dtype(config, device):
+    """config.dtype with "auto" resolved: bfloat16 on CUDA, float32 elsewhere."""
+    if config.dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return config.dtype
+
+
 def autocast_context(device, dtype):
     """A fresh autocast context for `dtype` on `device`, or a null context for float32."""
     autocast_dtype = AUTOCAST_DTYPES[dtype]
@@ -146,13 +178,59 @@ def autocast_context(device, dtype):
 
 
 def load_model(config):
-    """GPT-2 from `config.model_name` with adapters injected (seeded by config.seed), on config's device."""
+    """GPT-2 from `config.model_name` with adapters injected (seeded by config.seed), on config's device.
+
+    On CUDA with bfloat16 autocast, the frozen weight and bias of every adapted
+    layer are stored in bf16, so the fused kernels read them as they are instead
+    of casting W at every step; the adapters stay fp32. The rest of the model
+    keeps fp32 (LayerNorms, embeddings and the residual stream need the range).
+    """
     from transformers import GPT2LMHeadModel
 
+    device = pick_device(config.device or None)
     model = GPT2LMHeadModel.from_pretrained(config.model_name)
     torch.manual_seed(config.seed)
-    inject_lora(model, config.target_modules, r_max=config.r_max, alpha=config.alpha, dropout=config.lora_dropout)
-    return model.to(pick_device(config.device or None))
+    layers = inject_lora(model, config.target_modules, r_max=config.r_max, alpha=config.alpha,
+                         dropout=config.lora_dropout)
+    if device.type == "cuda" and resolved_dtype(config, device) == "bfloat16":
+        for layer in layers:
+            layer.weight.data = layer.weight.data.to(torch.bfloat16)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    return model.to(device)
+
+
+def epoch_order(size, seed, stage, epoch):
+    """The order of a stage's `size` training examples in one epoch: a permutation that is a pure function of
+    (seed, stage, epoch), so a resumed run reads the same order without carrying a generator along."""
+    key = hashlib.sha256(f"{seed}/{stage}/{epoch}".encode()).digest()
+    return torch.randperm(size, generator=torch.Generator().manual_seed(int.from_bytes(key[:8], "little")))
+
+
+@dataclass
+class TrainingState:
+    """Everything a run carries across steps, epochs and stages: what a checkpoint saves besides the adapters.
+
+    (stage, epoch, batch) is what comes next: the micro-batch `batch` of epoch
+    `epoch` of stage `stage`; epoch == config.epochs means the stage's epochs are
+    done and its end-of-stage evaluation is not.
+    """
+
+    sampler: RankSampler
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0  # optimizer steps over the whole run
+    history: list = field(default_factory=list)
+    initial: list = None  # each domain before training
+    accuracy: list = field(default_factory=list)  # rows R[t] of finished stages
+    loss: list = field(default_factory=list)
+    rank_sweep: list = field(default_factory=list)
+    snapshot: object = None  # AdapterSnapshot for L_DC in the current stage, or None
+    own_eval: dict = None  # the current domain's eval after the latest epoch
+    epoch_totals: object = None  # _EpochTotals of the epoch in progress, when resuming inside one
+    optimizer_state: tuple = None  # (tensors, param groups) of the stage in progress, when resuming
+    checkpointer: object = None  # _Checkpointer or None
 
 
 @dataclass
@@ -164,11 +242,21 @@ class _EpochTotals:
     dc: torch.Tensor
     tokens: torch.Tensor
     steps: int = 0
+    logged_ce: float = 0.0  # ce and steps at the latest step row
+    logged_steps: int = 0
+    seconds: float = 0.0  # training time of the epoch before a resume
 
     @classmethod
     def zeros(cls, device):
         return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)),
                    torch.zeros((), dtype=torch.int64, device=device))
+
+    def tensors(self):
+        return {"totals.ce": self.ce, "totals.order": self.order, "totals.dc": self.dc, "totals.tokens": self.tokens}
+
+    def scalars(self):
+        return {"steps": self.steps, "logged_ce": self.logged_ce, "logged_steps": self.logged_steps,
+                "seconds": self.seconds}
 
 
 @dataclass
@@ -193,18 +281,27 @@ def _regularizer(stage):
         order = order_penalty(stage.layers)
         total = config.lambda_order * order
     if stage.snapshot is not None:
-        dc = domain_correlation(stage.layers, stage.snapshot)
+        dc = DC_MODES[config.dc_mode](stage.layers, stage.snapshot)
         total = config.lambda_dc * dc if total is None else total + config.lambda_dc * dc
     return total, order, dc
 
 
-def _train_step(model, batch, stage, totals):
+def _train_step(model, micro_batches, stage, totals):
+    """One optimizer step over `micro_batches` (1..grad_accum of them), each CE weighted 1 / their number.
+
+    One DyLoRA rank is drawn per optimizer step, as for one large batch; the
+    regularisers do not depend on the data and are added once.
+    """
     config, layers = stage.config, stage.layers
     rank = layers[0].rank
     sampled = stage.sampler.sample(rank) if config.dylora != "off" else rank
-    with active_rank(layers, sampled), autocast_context(stage.device, config.dtype):
-        ce = causal_lm_loss(model_logits(model, batch), batch["labels"])
-    ce.backward()
+    with active_rank(layers, sampled):
+        for batch in micro_batches:
+            with autocast_context(stage.device, resolved_dtype(config, stage.device)):
+                ce = causal_lm_loss(model_logits(model, batch), batch["labels"]) / len(micro_batches)
+            ce.backward()
+            totals.ce += ce.detach()
+            totals.tokens += batch["attention_mask"].sum()
     if config.dylora == "frozen":
         freeze_leading_grads(layers, sampled)
     # The regularisers see the whole adapter at the scheduled rank, and their
@@ -214,42 +311,75 @@ def _train_step(model, batch, stage, totals):
         regularizer.backward()
     stage.optimizer.step()
     stage.optimizer.zero_grad(set_to_none=True)
-    totals.ce += ce.detach()
     if order is not None:
         totals.order += order.detach()
     if dc is not None:
         totals.dc += dc.detach()
-    totals.tokens += batch["attention_mask"].sum()
     totals.steps += 1
 
 
 def _record(stage, row):
     stage.history.append(row)
-    if stage.log is not None:
+    if stage.log is not None and row["kind"] in ("step", "epoch"):
         stage.log(row)
 
 
-def _train_epoch(model, loader, stage, where):
-    totals = _EpochTotals.zeros(stage.device)
-    logged_ce, logged_steps = 0.0, 0
-    if stage.device.type == "cuda":
-        torch.cuda.synchronize(stage.device)
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_epoch(model, dataset, stage, where, state):
+    """Train one epoch from micro-batch state.batch on; return the epoch row's training figures."""
+    config, device = stage.config, stage.device
+    order = epoch_order(len(dataset), config.seed, where["stage"], where["epoch"])
+    start_batch = state.batch
+    # A list of indices is a sampler: the epoch's order, less the micro-batches a resumed run already did.
+    loader = DataLoader(dataset, batch_size=config.batch_size,
+                        sampler=order[start_batch * config.batch_size:].tolist(),
+                        generator=torch.Generator(),  # keeps the loader off torch's global generator
+                        pin_memory=device.type == "cuda")  # lets move_batch copy without blocking
+    n_batches = math.ceil(len(dataset) / config.batch_size)
+    n_steps = math.ceil(n_batches / config.grad_accum)
+    totals = state.epoch_totals or _EpochTotals.zeros(device)
+    state.epoch_totals = None
+    bar = tqdm(total=n_steps, initial=totals.steps, disable=None if config.progress else True, leave=False,
+               desc=f"stage {where['stage']} ({where['domain']}) epoch {where['epoch']}", unit="step")
+    bar.set_postfix(rank=stage.layers[0].rank)
+    _sync(device)
     start = time.perf_counter()
     model.train()
+    group, batch_index = [], start_batch
     for batch in loader:
-        _train_step(model, move_batch(batch, stage.device), stage, totals)
-        if stage.config.log_every and totals.steps % stage.config.log_every == 0:
+        group.append(move_batch(batch, device))
+        batch_index += 1
+        if len(group) < config.grad_accum and batch_index < n_batches:
+            continue
+        _train_step(model, group, stage, totals)
+        group = []
+        state.global_step += 1
+        bar.update()
+        if config.log_every and totals.steps % config.log_every == 0:
             ce_sum = float(totals.ce)  # the one host sync of a logging interval
-            _record(stage, {**where, "kind": "step", "step": totals.steps,
-                            "train_loss": (ce_sum - logged_ce) / (totals.steps - logged_steps)})
-            logged_ce, logged_steps = ce_sum, totals.steps
-    if stage.device.type == "cuda":
-        torch.cuda.synchronize(stage.device)
-    seconds = time.perf_counter() - start
+            train_loss = (ce_sum - totals.logged_ce) / (totals.steps - totals.logged_steps)
+            bar.set_postfix(loss=f"{train_loss:.4f}", rank=stage.layers[0].rank)
+            _record(stage, {**where, "kind": "step", "step": totals.steps, "global_step": state.global_step,
+                            "train_loss": train_loss})
+            totals.logged_ce, totals.logged_steps = ce_sum, totals.steps
+        if (state.checkpointer is not None and config.checkpoint_every
+                and state.global_step % config.checkpoint_every == 0 and batch_index < n_batches):
+            _sync(device)
+            totals.seconds += time.perf_counter() - start
+            state.batch = batch_index
+            state.checkpointer.save(state, stage.optimizer, totals)
+            start = time.perf_counter()
+    _sync(device)
+    bar.close()
+    seconds = totals.seconds + time.perf_counter() - start
     tokens = int(totals.tokens)
     return {
         "train_loss": float(totals.ce) / totals.steps,
-        "order_penalty": float(totals.order) / totals.steps if stage.config.lambda_order > 0 else None,
+        "order_penalty": float(totals.order) / totals.steps if config.lambda_order > 0 else None,
         "domain_correlation": float(totals.dc) / totals.steps if stage.snapshot is not None else None,
         "steps": totals.steps,
         "tokens": tokens,
@@ -264,22 +394,177 @@ def _eval_loader(dataset, config):
     return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, generator=torch.Generator())
 
 
-def _evaluate(model, loader, stage):
-    return evaluate(model, loader, stage.device, autocast_context(stage.device, stage.config.dtype))
+def _evaluate(model, loader, device, config):
+    return evaluate(model, loader, device, autocast_context(device, resolved_dtype(config, device)))
 
 
-def run_continual(model, domains, config, log=None):
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _rank_row(stage, where, previous_rank, params):
+    _record(stage, {**where, "kind": "rank", "previous_rank": previous_rank, "rank": stage.layers[0].rank,
+                    "trainable_params": sum(p.numel() for p in params)})
+
+
+def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, state=None):
+    """Train `model`'s adapters on one domain for config.epochs epochs; return its eval after the last epoch.
+
+    stage: the domain's index in the sequence. Stages after the first cut the
+    rank at the start of each epoch as config.rank_schedule says. snapshot: the
+    AdapterSnapshot L_DC compares against (None: no L_DC). log: called with each
+    step and epoch row. state: a TrainingState to continue (``run_continual``
+    passes its own, positioned by a checkpoint when resuming); None starts the
+    stage afresh. Each stage has its own AdamW. The rows (step, epoch, and one
+    "rank" row with the trainable-parameter count at the stage start and after
+    each cut) go to state.history.
+    """
+    domain = _as_domain(domain)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("train_stage: the model holds no LoRAConv1D; inject adapters first (load_model)")
+    if state is None:
+        state = TrainingState(RankSampler(config.seed), stage=stage)
+    if state.stage != stage:
+        raise ValueError(f"train_stage: the training state stands at stage {state.stage}; expected stage {stage}")
+    device = pick_device(config.device or None)
+    model.to(device)
+    params = _trainable(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if state.optimizer_state is not None:
+        optimizer_from_checkpoint(optimizer, *state.optimizer_state)
+        state.optimizer_state = None
+    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history)
+    eval_loader = _eval_loader(domain.eval, config)
+    for epoch in range(state.epoch, config.epochs):
+        where = {"stage": stage, "domain": domain.name, "epoch": epoch}
+        if state.batch == 0:  # a fresh epoch (a resumed one was cut before its checkpoint)
+            previous = layers[0].rank
+            rank = scheduled_rank(config.rank_schedule, epoch) if stage > 0 else None
+            if rank is not None and rank < layers[0].r_max:
+                truncate_adapters(layers, rank, optimizer, config.reset_optimizer_on_rank_change)
+            if epoch == 0 or layers[0].rank != previous:
+                _rank_row(run, where, previous, params)
+        where = {**where, "rank": layers[0].rank, "trainable_params": sum(p.numel() for p in params)}
+        row = {**where, "kind": "epoch", **_train_epoch(model, domain.train, run, where, state)}
+        state.own_eval = _evaluate(model, eval_loader, device, config)
+        _record(run, {**row, **{f"eval_{k}": v for k, v in state.own_eval.items()}})
+        state.epoch, state.batch = epoch + 1, 0
+        if state.checkpointer is not None:
+            state.checkpointer.save(state, optimizer)
+    return state.own_eval
+
+
+def default_sweep_ranks(rank):
+    """1, 2, 4, ... up to `rank`, and `rank` itself."""
+    return tuple(sorted({1 << k for k in range(rank.bit_length())} | {rank}))
+
+
+class _Checkpointer:
+    """Saves the run to one checkpoint file and puts a run back from it (see ``checkpoint``)."""
+
+    IGNORED_FIELDS = ("progress", "checkpoint_every")  # settings that change no result
+
+    def __init__(self, directory, model, domains, config, device):
+        self.directory, self.model, self.device = directory, model, device
+        self.path = checkpoint_path(directory)
+        self.config = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config))).items()
+                       if k not in self.IGNORED_FIELDS}
+        self.layers = {name: [layer.in_features, layer.out_features]
+                       for name, layer in named_adapters(model)}
+        self.data = {f"{i}:{d.name}": _fingerprint(d) for i, d in enumerate(domains)}
+
+    def save(self, state, optimizer, totals=None):
+        tensors = {}
+        for name, layer in named_adapters(self.model):
+            tensors[f"adapter.{name}.lora_a"] = layer.lora_a
+            tensors[f"adapter.{name}.lora_b"] = layer.lora_b
+        optimizer_tensors, param_groups = optimizer_to_checkpoint(optimizer) if optimizer is not None else ({}, None)
+        tensors.update(optimizer_tensors)
+        tensors.update(rng_to_checkpoint([self.device]))
+        tensors["rng.rank_sampler"] = state.sampler.generator.get_state()
+        snapshot_scales = None
+        if state.snapshot is not None:
+            snapshot_tensors, snapshot_scales = snapshot_to_checkpoint(state.snapshot)
+            tensors.update(snapshot_tensors)
+        if totals is not None:
+            tensors.update(totals.tensors())
+        progress = {
+            "stage": state.stage, "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
+            "rank": named_adapters(self.model)[0][1].rank, "history": state.history, "initial": state.initial,
+            "accuracy": state.accuracy, "loss": state.loss, "rank_sweep": state.rank_sweep,
+            "own_eval": state.own_eval, "totals": totals.scalars() if totals is not None else None,
+            "snapshot_scales": snapshot_scales, "param_groups": param_groups,
+        }
+        save_checkpoint(self.directory, tensors, {"config": self.config, "layers": self.layers, "data": self.data,
+                                                  "progress": progress})
+
+    def restore(self, state):
+        """Put the adapters, generators and `state` back as the checkpoint has them."""
+        tensors, meta = load_checkpoint(self.directory)
+        require_equal("configuration", meta["config"], self.config, self.path)
+        require_equal("model (adapted layers: [in, out] features)", meta["layers"], self.layers, self.path)
+        require_equal("data (domain: examples and content digest)", meta["data"], self.data, self.path)
+        progress = meta["progress"]
+        adapters = named_adapters(self.model)
+        rank = progress["rank"]
+        with torch.no_grad():
+            for name, layer in adapters:
+                a, b = tensors[f"adapter.{name}.lora_a"], tensors[f"adapter.{name}.lora_b"]
+                if a.shape[1] > layer.r_max or a.shape != (layer.in_features, a.shape[1]) or b.shape[0] != a.shape[1]:
+                    raise CheckpointError(f"checkpoint {str(self.path)!r}: {name} has adapters {tuple(a.shape)} and "
+                                          f"{tuple(b.shape)}; the model's are {tuple(layer.lora_a.shape)} and "
+                                          f"{tuple(layer.lora_b.shape)}")
+                if a.shape[1] < layer.r_max:
+                    layer.truncate_(a.shape[1])
+                layer.lora_a.copy_(a)
+                layer.lora_b.copy_(b)
+                layer.set_rank(rank)
+        for key in ("stage", "epoch", "batch", "global_step", "history", "initial", "accuracy", "loss", "own_eval"):
+            setattr(state, key, progress[key])
+        # JSON keys are strings; the sweep is keyed by rank.
+        state.rank_sweep = [{**row, "by_rank": {int(r): v for r, v in row["by_rank"].items()}}
+                            for row in progress["rank_sweep"]]
+        if progress["snapshot_scales"] is not None:
+            state.snapshot = snapshot_from_checkpoint(tensors, progress["snapshot_scales"], self.device)
+        if progress["param_groups"] is not None and state.epoch < self.config["epochs"]:
+            state.optimizer_state = ({k: v for k, v in tensors.items() if k.startswith("optimizer.")},
+                                     progress["param_groups"])
+        if progress["totals"] is not None:
+            totals = {k.split(".", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith("totals.")}
+            state.epoch_totals = _EpochTotals(**totals, **progress["totals"])
+        state.sampler.generator.set_state(tensors["rng.rank_sampler"])
+        rng_from_checkpoint(tensors)
+
+
+def _fingerprint(domain):
+    """[train size, eval size, sha256 of every example's tensors]: what tells one domain's data from another's."""
+    h = hashlib.sha256()
+    for split in (domain.train, domain.eval):
+        for example in split:
+            for key in ("input_ids", "attention_mask", "labels"):
+                h.update(torch.as_tensor(example[key]).cpu().numpy().tobytes())
+    return [len(domain.train), len(domain.eval), h.hexdigest()[:32]]
+
+
+def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=False):
     """Train `model`'s adapters on `domains` in order; return the history and the metric matrices.
 
     model: a GPT-2 LM whose target modules already hold LoRAConv1D adapters of
     width config.r_max (see ``load_model``), on any device; it is moved to
     config's device. domains: a sequence of ``Domain`` or (name, train, eval)
-    triples. log: called with each history row as it is made.
+    triples. log: called with each step and epoch row as it is made.
+    checkpoint_dir: a folder for the run's checkpoint, written every
+    config.checkpoint_every optimizer steps and at the end of each epoch and
+    stage; None writes none. resume: continue from the checkpoint in
+    checkpoint_dir (a fresh start if there is none yet); a checkpoint of another
+    configuration, model or data raises CheckpointError. Without resume, an
+    existing checkpoint is refused rather than overwritten.
 
     Returns a JSON-ready dict: "initial" (each domain before training),
     "accuracy" and "loss" (T x T, [stage][domain]), "retention",
     "loss_change" (final minus own-stage loss of each earlier domain),
-    "bwt" (of accuracy), "rank_sweep" and "history" (step and epoch rows).
+    "bwt" (of accuracy), "rank_sweep" and "history" (step, epoch and rank rows).
     """
     domains = [_as_domain(d) for d in domains]
     if not domains:
@@ -290,55 +575,52 @@ def run_continual(model, domains, config, log=None):
     widths = sorted({layer.r_max for layer in layers})
     if widths != [config.r_max]:
         raise ValueError(f"run_continual: the adapters have width {widths}; expected config.r_max={config.r_max}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("run_continual: resume=True needs a checkpoint_dir to resume from")
     device = pick_device(config.device or None)
     model.to(device)
     torch.manual_seed(config.seed)
-    sampler = RankSampler(config.seed)
+    state = TrainingState(RankSampler(config.seed))
+    if checkpoint_dir is not None:
+        state.checkpointer = _Checkpointer(checkpoint_dir, model, domains, config, device)
+        if state.checkpointer.path.exists():
+            if not resume:
+                raise ValueError(f"run_continual: {str(state.checkpointer.path)!r} exists; pass resume=True to "
+                                 "continue it, or give another checkpoint_dir")
+            state.checkpointer.restore(state)
     eval_loaders = [_eval_loader(d.eval, config) for d in domains]
-    stage = _Stage(layers, None, sampler, None, device, config, log)
 
-    initial = [_evaluate(model, loader, stage) for loader in eval_loaders]
-    accuracy, loss, sweeps = [], [], []
-    for t, domain in enumerate(domains):
-        params = [p for p in model.parameters() if p.requires_grad]
-        stage.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        train_loader = DataLoader(domain.train, batch_size=config.batch_size, shuffle=True,
-                                  generator=torch.Generator().manual_seed(config.seed + t),
-                                  pin_memory=device.type == "cuda")  # lets move_batch copy without blocking
-        results = [None] * len(domains)
-        for epoch in range(config.epochs):
-            rank = scheduled_rank(config.rank_schedule, epoch) if t > 0 else None
-            if rank is not None and rank < layers[0].r_max:
-                truncate_adapters(layers, rank, stage.optimizer, config.reset_optimizer_on_rank_change)
-            where = {"stage": t, "domain": domain.name, "epoch": epoch, "rank": layers[0].rank,
-                     "trainable_params": sum(p.numel() for p in params)}
-            row = {**where, "kind": "epoch", **_train_epoch(model, train_loader, stage, where)}
-            results[t] = _evaluate(model, eval_loaders[t], stage)
-            _record(stage, {**row, **{f"eval_{k}": v for k, v in results[t].items()}})
-        for i, loader in enumerate(eval_loaders):
-            if i != t:
-                results[i] = _evaluate(model, loader, stage)
-        accuracy.append([r["accuracy"] for r in results])
-        loss.append([r["loss"] for r in results])
+    if state.initial is None:
+        state.initial = [_evaluate(model, loader, device, config) for loader in eval_loaders]
+    for t in range(state.stage, len(domains)):
+        own = train_stage(model, domains[t], config, stage=t, snapshot=state.snapshot, log=log, state=state)
+        results = [own if i == t else _evaluate(model, loader, device, config) for i, loader in enumerate(eval_loaders)]
+        state.accuracy.append([r["accuracy"] for r in results])
+        state.loss.append([r["loss"] for r in results])
+        rank = layers[0].rank
+        sweep_ranks = default_sweep_ranks(rank) if config.sweep_ranks is None else config.sweep_ranks
         sweep = {}
-        for r in config.sweep_ranks:
-            if r <= layers[0].rank:
+        for r in sweep_ranks:
+            if r <= rank:
                 with active_rank(layers, r):
-                    sweep[r] = _evaluate(model, eval_loaders[t], stage)
-        sweeps.append({"stage": t, "domain": domain.name, "by_rank": sweep})
+                    sweep[r] = _evaluate(model, eval_loaders[t], device, config)
+        state.rank_sweep.append({"stage": t, "domain": domains[t].name, "by_rank": sweep})
         if config.lambda_dc > 0 and t + 1 < len(domains):
-            stage.snapshot = snapshot_adapters(layers)
+            state.snapshot = snapshot_adapters(layers)
+        state.stage, state.epoch, state.batch, state.own_eval = t + 1, 0, 0, None
+        if state.checkpointer is not None:
+            state.checkpointer.save(state, None)
 
     return {
         "config": dataclasses.asdict(config),
         "domains": [d.name for d in domains],
         "device": str(device),
-        "initial": initial,
-        "accuracy": accuracy,
-        "loss": loss,
-        "retention": retention(accuracy),
-        "loss_change": final_minus_own(loss),
-        "bwt": backward_transfer(accuracy),
-        "rank_sweep": sweeps,
-        "history": stage.history,
+        "initial": state.initial,
+        "accuracy": state.accuracy,
+        "loss": state.loss,
+        "retention": retention(state.accuracy),
+        "loss_change": final_minus_own(state.loss),
+        "bwt": backward_transfer(state.accuracy),
+        "rank_sweep": state.rank_sweep,
+        "history": state.history,
     }

@@ -56,6 +56,10 @@ def rule_domain(name, step, n_train, n_eval, seed):
     return name, examples(n_train), examples(n_eval)
 
 
+def epoch_rows(result):
+    return [row for row in result["history"] if row["kind"] == "epoch"]
+
+
 def adapter_tensors(model):
     return [t.detach().clone() for layer in hybrid_lora.lora_layers(model) for t in (layer.lora_a, layer.lora_b)]
 
@@ -108,9 +112,14 @@ def test_two_domains_with_every_method_on(torch_path, monkeypatch):
     logged = []
     result = run_continual(model, domains, config, log=logged.append)
 
-    assert logged == result["history"]
+    assert logged == [row for row in result["history"] if row["kind"] in ("step", "epoch")]
     epochs = [row for row in result["history"] if row["kind"] == "epoch"]
     steps = [row for row in result["history"] if row["kind"] == "step"]
+    # The trainable-parameter count at each stage start and after the cut: r * (in + out) per layer.
+    ranks = [(r["stage"], r["epoch"], r["previous_rank"], r["rank"], r["trainable_params"])
+             for r in result["history"] if r["kind"] == "rank"]
+    assert ranks == [(0, 0, 8, 8, LAYERS * 8 * 4 * WIDTH), (1, 0, 8, 8, LAYERS * 8 * 4 * WIDTH),
+                     (1, 1, 8, 4, LAYERS * 4 * 4 * WIDTH)]
     assert [(r["stage"], r["epoch"], r["rank"]) for r in epochs] == [(0, 0, 8), (0, 1, 8), (1, 0, 8), (1, 1, 4)]
     assert [r["trainable_params"] for r in epochs] == [LAYERS * r * (WIDTH + 3 * WIDTH) for r in (8, 8, 8, 4)]
     assert len(steps) == 4 and all(r["step"] == 2 for r in steps)  # 16 examples / 8 = 2 steps per epoch
@@ -209,7 +218,7 @@ def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
     if select_backend(torch.device("cpu")) != "triton":
         pytest.skip("Triton cannot run here: no triton, or TRITON_INTERPRET is not set on a CPU-only machine")
     config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, epochs=1, eval_batch_size=4, lr=1e-2,
-                         lambda_order=1e-2, dylora="off", rank_schedule=(), log_every=0, device="cpu")
+                         lambda_order=1e-2, dylora="off", rank_schedule=(), sweep_ranks=(), log_every=0, device="cpu")
     domain = rule_domain("plus1", 1, 8, 4, seed=1)
     kernels = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
     with torch.no_grad():  # B = 0 would hide the adapter from the first forward
@@ -221,7 +230,7 @@ def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
     with_torch = run_continual(plain, [domain], config)
     # fp32 both ways, reductions of at most 32 terms: agreement to a few ulps.
     assert with_kernels["initial"][0]["loss"] == pytest.approx(with_torch["initial"][0]["loss"], rel=1e-6)
-    assert with_kernels["history"][0]["train_loss"] == pytest.approx(with_torch["history"][0]["train_loss"], rel=1e-6)
+    assert epoch_rows(with_kernels)[0]["train_loss"] == pytest.approx(epoch_rows(with_torch)[0]["train_loss"], rel=1e-6)
     assert with_kernels["loss"][0][0] == pytest.approx(with_torch["loss"][0][0], rel=1e-6)
     for got, want in zip(adapter_tensors(kernels), adapter_tensors(plain)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -234,7 +243,7 @@ def test_bfloat16_autocast_trains_fp32_adapters_close_to_float32(torch_path):
         model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
         config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, epochs=1, lr=1e-2, dtype=dtype, rank_schedule=(),
                              log_every=0, device="cpu")
-        rows[dtype] = run_continual(model, [domain], config)["history"][0]
+        rows[dtype] = epoch_rows(run_continual(model, [domain], config))[0]
         adapters[dtype] = adapter_tensors(model)
     assert all(t.dtype == torch.float32 for t in adapters["bfloat16"])
     # bf16 keeps 8 mantissa bits: the losses differ (autocast ran), by far less than the loss itself.

@@ -1,0 +1,184 @@
+"""Checkpoints of a continual run: one safetensors file, written whole or not at all, checked when read.
+
+The file ``<dir>/checkpoint.safetensors`` holds tensors and string metadata:
+
+    adapter.<layer path>.lora_a [in, r] / .lora_b [r, out]   the adapters at their current width r
+    optimizer.<param index>.<key>                            AdamW's per-parameter state (exp_avg, step, ...)
+    rng.<name>                                               generator states (uint8)
+    snapshot.<layer index>.a / .b, snapshot.squared_norm     the L_DC snapshot, if there is one
+    totals.<name>                                            sums of the epoch in progress
+    metadata: format, digest, and JSON for the config, the layers, the data, the
+              optimizer's param groups and the run's progress (position, history, results)
+
+Writing: serialise in memory, write a temporary file in the same folder, fsync
+it, ``os.replace`` it onto the name and fsync the folder, so a reader sees the
+previous checkpoint or the new one, never a torn one, even after SIGKILL or a
+power cut. Reading: the header must parse, the digest (sha256 over every tensor
+and metadata entry) must match, and the caller compares config, layers and data
+with ``require_equal``, which names every difference.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .regularizers import AdapterFactors, AdapterSnapshot
+
+FORMAT = "hybrid-lora-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or made by a different run."""
+
+
+def checkpoint_path(directory):
+    return Path(directory) / CHECKPOINT_NAME
+
+
+def _digest(tensors, metadata):
+    """sha256 over (name, dtype, shape, bytes) of every tensor and every metadata entry, in sorted order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(metadata):
+        h.update(f"{key}={metadata[key]}|".encode())
+    return h.hexdigest()
+
+
+def _write_durably(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # The rename itself lives in the folder's entry: sync it too (POSIX; Windows cannot open folders).
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(directory, tensors, metadata):
+    """Write `tensors` (name -> tensor) and `metadata` (name -> JSON-ready value) to directory/checkpoint.safetensors.
+
+    Returns the path. The tensors are copied to the CPU; metadata values are stored as JSON.
+    """
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+    strings = {key: json.dumps(value) for key, value in metadata.items()}
+    strings["format"] = FORMAT
+    strings["digest"] = _digest(tensors, strings)
+    path = checkpoint_path(directory)
+    _write_durably(path, save(tensors, metadata=strings))
+    return path
+
+
+def load_checkpoint(directory):
+    """(tensors, metadata) of directory/checkpoint.safetensors; raises CheckpointError if it is not whole and ours."""
+    from safetensors.torch import load
+
+    path = checkpoint_path(directory)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
+    try:
+        tensors = load(data)
+        header_length = int.from_bytes(data[:8], "little")
+        raw = json.loads(data[8:8 + header_length]).get("__metadata__", {})
+    except Exception as err:  # safetensors raises its own error types for a bad header or a short file
+        raise CheckpointError(f"checkpoint {str(path)!r} ({len(data)} bytes) cannot be read: {err}; "
+                              "expected a whole safetensors file (truncated or overwritten?)") from err
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {raw.get('format')!r}; expected {FORMAT!r}")
+    stored_digest = raw.pop("digest", None)
+    actual_digest = _digest(tensors, raw)
+    if stored_digest != actual_digest:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content digest is {actual_digest[:16]}..., "
+                              f"the digest stored at writing {str(stored_digest)[:16]}...")
+    raw.pop("format")
+    return tensors, {key: json.loads(value) for key, value in raw.items()}
+
+
+def require_equal(what, saved, current, path):
+    """Raise CheckpointError naming every key of the dicts `saved` and `current` whose values differ."""
+    keys = sorted(set(saved) | set(current), key=str)
+    missing = object()
+    differences = [f"{key}: checkpoint {saved.get(key, missing)!r}, now {current.get(key, missing)!r}"
+                   for key in keys if saved.get(key, missing) != current.get(key, missing)]
+    if differences:
+        shown = "; ".join(differences[:8]).replace(repr(missing), "(absent)")
+        more = f" (and {len(differences) - 8} more)" if len(differences) > 8 else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} was written with a different {what}: {shown}{more}")
+
+
+def optimizer_to_checkpoint(optimizer):
+    """(tensors, param groups) of an optimizer's state_dict, tensors named optimizer.<param index>.<key>."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"optimizer state {index}.{key} is a {type(value).__name__}; expected tensors")
+            tensors[f"optimizer.{index}.{key}"] = value
+    return tensors, state["param_groups"]
+
+
+def optimizer_from_checkpoint(optimizer, tensors, param_groups):
+    """Load the state written by ``optimizer_to_checkpoint`` into `optimizer` (built over the same params)."""
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_to_checkpoint(devices=()):
+    """Generator states: torch's CPU one and, for each CUDA device used, that device's."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for device in devices:
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            tensors[f"rng.cuda.{index}"] = torch.cuda.get_rng_state(index)
+    return tensors
+
+
+def rng_from_checkpoint(tensors):
+    torch.set_rng_state(tensors["rng.torch"])
+    for name, state in tensors.items():
+        if name.startswith("rng.cuda."):
+            torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
+
+
+def snapshot_to_checkpoint(snapshot):
+    """(tensors, scales) of an AdapterSnapshot."""
+    tensors = {"snapshot.squared_norm": snapshot.squared_norm}
+    for index, factors in enumerate(snapshot.factors):
+        tensors[f"snapshot.{index}.a"] = factors.a
+        tensors[f"snapshot.{index}.b"] = factors.b
+    return tensors, [factors.scale for factors in snapshot.factors]
+
+
+def snapshot_from_checkpoint(tensors, scales, device):
+    factors = tuple(AdapterFactors(tensors[f"snapshot.{i}.a"].to(device), tensors[f"snapshot.{i}.b"].to(device), scale)
+                    for i, scale in enumerate(scales))
+    return AdapterSnapshot(factors, tensors["snapshot.squared_norm"].to(device))
