@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hybrid_lora import LoRAConv1D
-from hybrid_lora.regularizers import adapter_inner, domain_correlation, order_penalty, snapshot_adapters
+from hybrid_lora.regularizers import (DC_MODES, adapter_inner, domain_correlation, order_penalty, snapshot_adapters,
+                                      weight_correlation)
 
 
 def random_layers(count=3, in_features=7, out_features=5, r_max=6, seed=0, dtype=torch.float64):
@@ -130,3 +131,32 @@ def test_domain_correlation_refuses_other_layers():
         domain_correlation(other, snapshot)
     with pytest.raises(ValueError, match="no LoRA layers"):
         order_penalty([])
+
+
+def test_weight_correlation_is_the_flattened_cosine_of_rank_aligned_factors_with_a_gradient():
+    layers = random_layers(count=2)
+    snapshot = snapshot_adapters(layers)
+    prev = [(layer.lora_a.detach().clone(), layer.lora_b.detach().clone()) for layer in layers]  # rank 6
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_a.add_(0.5 * torch.randn_like(layer.lora_a))
+    layers[0].truncate_(4)  # layer 0 compares 4 components, layer 1 all 6
+    got = weight_correlation(layers, snapshot)
+    got.backward()
+
+    r = [4, 6]
+    w_prev = torch.cat([torch.cat([a[:, :k].flatten(), b[:k].flatten()]) for (a, b), k in zip(prev, r)])
+    w_cur = torch.cat([torch.cat([layer.lora_a[:, :k].flatten(), layer.lora_b[:k].flatten()])
+                       for layer, k in zip(layers, r)]).detach()
+    expected = 1.0 - (w_prev @ w_cur) / (w_prev.norm() * w_cur.norm())
+    assert expected.item() > 1e-3
+    assert abs(got.item() - expected.item()) <= 1e-6  # L_DC is computed in fp32, the expectation in fp64
+    for layer in layers:
+        assert layer.lora_a.grad.abs().max() > 0 and layer.lora_b.grad.abs().max() > 0
+    # Unlike the delta form, it sees how the update is split into components.
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_a.copy_(layer.lora_a.flip(1))
+            layer.lora_b.copy_(layer.lora_b.flip(0))
+    assert abs(weight_correlation(layers, snapshot).item() - got.item()) > 1e-3
+    assert DC_MODES == {"delta": domain_correlation, "weights": weight_correlation}

@@ -7,6 +7,7 @@ runs the Triton kernels (under the interpreter on a CPU).
 """
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 import hybrid_lora
 from hybrid_lora import dynamic_rank, trainer
 from hybrid_lora.metrics import causal_lm_loss, model_logits
-from hybrid_lora.regularizers import domain_correlation, order_penalty, snapshot_adapters
+from hybrid_lora.regularizers import DC_MODES, order_penalty, snapshot_adapters
 from hybrid_lora.trainer import TrainConfig, VARIANTS, load_model, run_continual, variant_config
 
 VOCAB, LENGTH, WIDTH, LAYERS = 16, 12, 32, 1
@@ -72,6 +73,9 @@ def adapter_tensors(model):
     ("lora_dropout", 1.0, r"lora_dropout=1.0; expected a probability in \[0, 1\)"),
     ("dylora", "sometimes", "dylora='sometimes'; expected one of"),
     ("dtype", "float16", "dtype='float16'; expected one of"),
+    ("dc_mode", "cosine", "dc_mode='cosine'; expected one of"),
+    ("grad_accum", 0, "grad_accum=0; expected an integer >= 1"),
+    ("checkpoint_every", -1, "checkpoint_every=-1; expected an integer >= 0"),
     ("rank_schedule", (64, 128, 16), r"rank 128 is outside \[1, 64\]"),
     ("sweep_ranks", (0,), r"rank 0 is outside \[1, 64\]"),
 ])
@@ -173,16 +177,18 @@ def reference_run(model, domains, config):
             loss = causal_lm_loss(model_logits(model, batch), batch["labels"])
             loss = loss + config.lambda_order * order_penalty(layers)
             if snapshot is not None:
-                loss = loss + config.lambda_dc * domain_correlation(layers, snapshot)
+                loss = loss + config.lambda_dc * DC_MODES[config.dc_mode](layers, snapshot)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
         snapshot = snapshot_adapters(layers)
 
 
-def test_each_stage_minimises_ce_plus_ordering_plus_domain_correlation(torch_path):
+@pytest.mark.parametrize("dc_mode", ["delta", "weights"])
+def test_each_stage_minimises_ce_plus_ordering_plus_domain_correlation(torch_path, dc_mode):
     config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, batch_size=8, epochs=3, lr=1e-2, weight_decay=0.01,
-                         lambda_order=0.5, lambda_dc=5.0, dylora="off", rank_schedule=(), log_every=0)
+                         lambda_order=0.5, lambda_dc=5.0, dc_mode=dc_mode, dylora="off", rank_schedule=(),
+                         sweep_ranks=(), log_every=0)
     model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
     with torch.no_grad():  # a non-zero B, so that the ordering penalty pulls from the first step
         for layer in hybrid_lora.lora_layers(model):
@@ -260,6 +266,42 @@ def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == LAYERS * 4 * (WIDTH + 3 * WIDTH)
     assert next(model.parameters()).device == torch.device("cpu")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # "auto" is float32 on a CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 base weights are for CUDA only; no CUDA here")
+def test_load_model_on_cuda_stores_adapted_weights_in_bf16_and_adapters_in_fp32(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    config = TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0)
+    assert trainer.resolved_dtype(config, torch.device("cuda")) == "bfloat16"
+    model = load_model(config)
+    for layer in hybrid_lora.lora_layers(model):
+        assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+        assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32 and layer.lora_a.is_cuda
+    assert model.transformer.wte.weight.dtype == torch.float32
+    result = run_continual(model, [rule_domain("plus1", 1, 8, 4, seed=1)],
+                           dataclasses.replace(config, epochs=1, rank_schedule=(), sweep_ranks=(), log_every=0))
+    assert result["loss"][0][0] < result["initial"][0]["loss"]
+
+
+def test_gradient_accumulation_of_equal_length_micro_batches_equals_one_large_batch(torch_path):
+    # Without padding every micro-batch has as many targets, so the mean of their means is the large batch's mean.
+    name, train, evaluation = rule_domain("plus1", 1, 16, 4, seed=1)
+    train = [{**example, "attention_mask": torch.ones(LENGTH, dtype=torch.long),
+              "labels": example["input_ids"]} for example in train]
+    adapters, results = [], []
+    for batch_size, grad_accum in ((8, 1), (4, 2), (2, 4)):
+        model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+        config = TrainConfig(r_max=4, alpha=4.0, lora_dropout=0.0, batch_size=batch_size, grad_accum=grad_accum,
+                             epochs=2, lr=1e-2, lambda_order=0.1, dylora="off", rank_schedule=(), sweep_ranks=(),
+                             log_every=1, device="cpu")
+        results.append(run_continual(model, [(name, train, evaluation)], config))
+        adapters.append(adapter_tensors(model))
+    for other, result in zip(adapters[1:], results[1:]):
+        assert [r["global_step"] for r in result["history"] if r["kind"] == "step"] == [1, 2, 3, 4]
+        for got, want in zip(other, adapters[0]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert adapters[0][1].abs().max() > 0.01  # B moved: the comparison is about real steps
 
 
 def test_run_continual_names_what_is_wrong(torch_path):
