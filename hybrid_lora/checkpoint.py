@@ -4,7 +4,11 @@ The file ``<dir>/checkpoint.safetensors`` holds tensors and string metadata:
 
     adapter.<layer path>.lora_a [in, r] / .lora_b [r, out]   the adapters at their current width r
     optimizer.<param index>.<key>                            AdamW's per-parameter state (exp_avg, step, ...)
-    rng.<name>                                               generator states (uint8)
+    rng.<name>                                               generator states (uint8): torch's CPU one (data
+                                                             loading, dropout seeds), each CUDA device's, the
+                                                             DyLoRA sampler's. Python's random and numpy are
+                                                             not used in training, so not saved; the data
+                                                             order is a function of (seed, stage, epoch).
     snapshot.<layer index>.a / .b, snapshot.squared_norm     the L_DC snapshot, if there is one
     totals.<name>                                            sums of the epoch in progress
     metadata: format, digest, and JSON for the config, the layers, the data, the

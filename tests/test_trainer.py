@@ -319,3 +319,34 @@ def test_run_continual_names_what_is_wrong(torch_path):
         run_continual(tiny_lora_model(r_max=4), [domain[:2]], config)
     with pytest.raises(ValueError, match="'empty': the train set is empty"):
         run_continual(tiny_lora_model(r_max=4), [("empty", [], domain[2])], config)
+
+
+def test_progress_bar_shows_loss_and_rank_at_logging_intervals_only_and_can_be_turned_off(torch_path, monkeypatch):
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, total, initial, disable, **kwargs):
+            self.total, self.disable, self.updates, self.postfixes = total, disable, 0, []
+            bars.append(self)
+
+        def update(self):
+            self.updates += 1
+
+        def set_postfix(self, **values):
+            self.postfixes.append(values)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trainer, "tqdm", RecordingBar)
+    domain = rule_domain("plus1", 1, 16, 4, seed=1)  # 16 examples / 4 = 4 steps per epoch
+    for progress in (True, False):
+        config = TrainConfig(r_max=4, alpha=4.0, batch_size=4, epochs=1, rank_schedule=(), sweep_ranks=(),
+                             log_every=2, progress=progress, device="cpu")
+        run_continual(tiny_lora_model(r_max=4, alpha=4.0), [domain], config)
+    shown, hidden = bars
+    assert shown.disable is None and hidden.disable is True  # None: tqdm shows the bar on a terminal only
+    assert shown.total == shown.updates == 4
+    # The rank at the start, then loss and rank after steps 2 and 4: the loss is read back every log_every steps.
+    assert [sorted(p) for p in shown.postfixes] == [["rank"], ["loss", "rank"], ["loss", "rank"]]
+    assert all(p["rank"] == 4 for p in shown.postfixes)
