@@ -14,12 +14,14 @@ Bad values exit with status 2 and a message naming the value.
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
 from .data import resolve_domain
-from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, train_config
+from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
 from .files import read_json, write_json, write_text
 from .trainer import VARIANTS, TrainConfig
 
@@ -253,15 +255,42 @@ def _specs(parser, args, variants):
     return specs
 
 
+def _run_dir(out_dir, spec, by_variant):
+    return out_dir / spec.variant / f"seed-{spec.seed}" if by_variant else out_dir / f"seed-{spec.seed}"
+
+
+def _settings(spec):
+    """What a kept run must share with the command that resumes it (the device may differ)."""
+    config = dataclasses.asdict(train_config(spec))
+    config.pop("device")
+    return json.loads(json.dumps({"train_config": config, "data": dataclasses.asdict(spec.data)}))
+
+
+def _check_resumable(parser, specs, out_dir, by_variant):
+    for spec in specs:
+        run_dir = _run_dir(out_dir, spec, by_variant)
+        if not is_finished(run_dir):
+            continue
+        stored = read_json(run_dir / "config.json")
+        stored["train_config"].pop("device", None)
+        kept = {"train_config": stored["train_config"], "data": stored["data"]}
+        if kept != _settings(spec):
+            changed = sorted(k for part in ("train_config", "data")
+                             for k in set(kept[part]) | set(_settings(spec)[part])
+                             if kept[part].get(k) != _settings(spec)[part].get(k))
+            parser.error(f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
+                         "drop --resume to retrain it, or choose another --out")
+
+
 def _run_all(specs, out_dir, by_variant, args):
     """Run (or, with --resume, reuse) every spec; returns {variant: [metrics]}. Data is tokenized once."""
     from .models import load_tokenizer
 
     tokenizer, domains, results = None, None, {}
     for spec in specs:
-        run_dir = out_dir / spec.variant / f"seed-{spec.seed}" if by_variant else out_dir / f"seed-{spec.seed}"
+        run_dir = _run_dir(out_dir, spec, by_variant)
         if args.resume and is_finished(run_dir):
-            print(f"== {spec.variant}, seed {spec.seed}: finished earlier, kept ({run_dir})")
+            say(f"== {spec.variant}, seed {spec.seed}: finished earlier, kept ({run_dir})")
             results.setdefault(spec.variant, []).append(read_json(run_dir / "metrics.json"))
             continue
         if tokenizer is None:
@@ -270,13 +299,13 @@ def _run_all(specs, out_dir, by_variant, args):
         metrics = run(spec, run_dir, domains=domains, tokenizer=tokenizer, plot=not args.no_plots)
         s = metrics["summary"]
         if "forgetting" in s:
-            print(f"== {spec.variant}, seed {spec.seed}: retention {s['retention']}, forgetting {s['forgetting']:.4f}, "
-                  f"{s['wall_seconds']:.0f}s")
+            say(f"== {spec.variant}, seed {spec.seed}: retention {s['retention']:.4f}, "
+                f"forgetting {s['forgetting']:.4f}, {s['wall_seconds']:.0f}s")
         results.setdefault(spec.variant, []).append(metrics)
     return results
 
 
-def _write_summary(results, out_dir, args, plot_title_columns=None):
+def _write_summary(results, out_dir, args):
     from .plots import plot_comparison
     from .summary import aggregate, headline_columns, markdown_table
 
@@ -310,6 +339,8 @@ def _train(parser, args, variants, by_variant):
         print(f"note: at the original lr {args.lr:g} the tiny embedded base barely moves in {args.epochs} epochs; "
               "the README's runs use --lr 1e-3")
     out_dir = Path(args.out or (Path("runs") / ("compare" if by_variant else args.variant)))
+    if args.resume:
+        _check_resumable(parser, specs, out_dir, by_variant)
     write_json(out_dir / "command.json", {"argv": sys.argv[1:],
                                           "args": {k: v for k, v in vars(args).items() if k != "parser"}})
     with _backend(args.backend, device):

@@ -140,7 +140,12 @@ def format_row(row):
             f"eval acc {row['eval_accuracy']:.4f}{extras}  ({row['tokens_per_second']:.0f} tok/s)")
 
 
-def run(spec, run_dir, domains=None, tokenizer=None, echo=print, plot=True):
+def say(line):
+    """Print a progress line now, even when stdout is a file or a pipe."""
+    print(line, flush=True)
+
+
+def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True):
     """Train one run into `run_dir` and return its metrics. `domains` (tokenized) may be shared between runs."""
     run_dir = Path(run_dir)
     config = train_config(spec)

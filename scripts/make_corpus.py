@@ -13,23 +13,27 @@ with one of several phrasings for each.
 
 The three parts differ only in *which values* fill the attribute slots:
 
-- ``general``: every slot is drawn afresh, uniformly, for every sentence. A
-  model trained on it learns English of this kind (the templates, which
-  words fit which slot, pronouns that agree with the name) but cannot know
-  any person's attributes. The tiny base model is pretrained on this part.
-- ``embedded-a`` ("the old chronicle"): one fixed table of facts, e.g. Anna
-  lives in Dunmore and is a baker, used by every document of the domain.
-- ``embedded-b`` ("the new chronicle"): the same people and templates with a
-  second table of facts that differs from A's in *every* slot (Anna now lives
-  in Kelby and is a sailor).
+- ``general``: every slot is drawn afresh, uniformly from all its values, for
+  every document. A model trained on it learns English of this kind (the
+  templates, which words fit which slot, pronouns that agree with the name)
+  but cannot know any person's attributes. The tiny base model is pretrained
+  on this part.
+- ``embedded-a`` ("the old chronicle") and ``embedded-b`` ("the new
+  chronicle"): each domain has a palette, a quarter of the values of every
+  slot (at least two), and the two palettes are disjoint: A's people live in
+  three of the twelve towns, work in four of the sixteen trades, and so on,
+  and B's in three other towns and four other trades. Each domain then fixes
+  one table of facts drawn from its palette (Anna lives in Fenwick and is a
+  baker in A; in Redwick and a clerk in B), used by every one of its documents.
 
-So the two domains share their vocabulary, their contexts and their grammar,
-and continue the same contexts ("Anna works as a") in different ways. A
-model adapted to B must overwrite what it learned of A: training on B
-measurably hurts A (unlike IMDb -> Yelp Polarity, two kinds of review that
-share what a model learns from them). About one token in five or six is a
-fact; the others are predictable from the templates, which the base model
-already knows.
+So the two domains share their people, vocabulary, contexts and grammar, and
+continue the same contexts ("Anna works as a") in different ways: at two
+levels, which values a slot takes in the domain (quick to learn) and which
+value each person has (slower). A model adapted to B must overwrite what it
+learned of A: training on B measurably hurts A (unlike IMDb -> Yelp Polarity,
+two kinds of review that share what a model learns from them). Roughly one
+token in five or six is an attribute value; the others are predictable from
+the templates, which the base model already knows.
 
 Each domain has 3000 training and 1000 evaluation documents (the sizes the
 original experiment selected from IMDb and Yelp); the evaluation documents
@@ -44,7 +48,7 @@ fixed gzip timestamp so that the same seed gives the same bytes:
     general.train.txt.gz  general.eval.txt.gz
     embedded-a.train.txt.gz  embedded-a.eval.txt.gz
     embedded-b.train.txt.gz  embedded-b.eval.txt.gz
-    facts.json            (both fact tables, for reading and for tests)
+    facts.json            (both palettes and fact tables, for reading and for tests)
 
 Usage: python scripts/make_corpus.py [--out hybrid_lora/assets/corpus] [--seed 2024]
 """

@@ -86,7 +86,8 @@ def test_eval_sweeps_a_saved_adapter_and_matches_the_run(trained_run, tmp_path, 
     by_rank = results["by_domain"]["embedded-a"]
     assert set(by_rank) == {"2", "8"}
     # The stage-1 adapter at full rank is what the run measured on domain A right after stage 1.
-    assert by_rank["8"]["accuracy"] == pytest.approx(metrics["accuracy"][0][0], abs=1e-9)
+    assert by_rank["8"]["accuracy"] == pytest.approx(metrics["accuracy"][0][0], abs=1e-12)
+    assert by_rank["8"]["loss"] == pytest.approx(metrics["loss"][0][0], rel=1e-9)
     assert by_rank["2"]["loss"] == pytest.approx(metrics["rank_sweep"][0]["by_rank"]["2"]["loss"], rel=1e-6)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -100,6 +101,11 @@ def test_resume_keeps_a_finished_run(trained_run, capsys):
     before = metrics.stat().st_mtime_ns
     assert main(["train", *TINY, "--out", str(trained_run.parent), "--resume", "--no-plots"]) == 0
     assert "finished earlier, kept" in capsys.readouterr().out
+    assert metrics.stat().st_mtime_ns == before
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--lr", "1e-3", "--out", str(trained_run.parent), "--resume", "--no-plots"])
+    assert exit_info.value.code == 2
+    assert "was trained with other settings (lr)" in capsys.readouterr().err
     assert metrics.stat().st_mtime_ns == before
 
 
@@ -148,3 +154,24 @@ def test_python_dash_m_is_the_same_command_and_exits_2():
     assert done.returncode == 2
     assert "unknown dataset 'imbd'" in done.stderr
     assert done.stderr.startswith("usage: hybrid-lora train")
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    stats = mean_std([1.0, 2.0, 3.0, 4.0, None])
+    assert stats["mean"] == 2.5 and stats["values"] == [1.0, 2.0, 3.0, 4.0]
+    assert stats["std"] == pytest.approx((5.0 / 3.0) ** 0.5)
+    assert mean_std([0.7])["std"] is None
+
+
+def test_forgetting_and_the_run_summary_of_known_matrices():
+    from hybrid_lora.experiment import forgetting, run_summary
+
+    accuracy = [[0.80, 0.50], [0.60, 0.90]]
+    loss = [[1.0, 2.0], [1.5, 0.7]]
+    assert forgetting(accuracy) == [pytest.approx(0.20)]
+    summary = run_summary({"domains": ["a", "b"], "accuracy": accuracy, "loss": loss, "retention": [0.75],
+                           "bwt": -0.2, "forgetting": forgetting(accuracy), "loss_change": [0.5],
+                           "wall_seconds": 3.0})
+    assert summary["acc_a_own"] == 0.80 and summary["acc_a_final"] == 0.60 and summary["acc_b_final"] == 0.90
+    assert summary["loss_a_final"] == 1.5 and summary["loss_b_final"] == 0.7
+    assert summary["forgetting"] == pytest.approx(0.20) and summary["retention"] == 0.75

@@ -76,6 +76,9 @@ def _statements(texts, pattern):
 
 def test_the_two_domains_state_conflicting_facts_in_the_same_contexts():
     facts = json.loads((data.CORPUS_DIR / "facts.json").read_text())
+    palette_a, palette_b = facts["palettes"]["embedded-a"], facts["palettes"]["embedded-b"]
+    for slot in palette_a:
+        assert len(palette_a[slot]) >= 2 and not set(palette_a[slot]) & set(palette_b[slot]), slot
     a, b = facts["embedded-a"]["people"], facts["embedded-b"]["people"]
     assert a.keys() == b.keys()
     for name in a:
