@@ -19,6 +19,7 @@ import triton.language as tl
 from .configs import down_configs, gemm_configs, limit_tile_per_thread, rank_block, weight_grad_configs
 from .dropout import drop_threshold, keep_mask
 from .lora_forward import dot_precision
+from .tiling import grouped_tile
 
 
 @triton.autotune(configs=down_configs(), key=["M", "N", "BLOCK_R"])
@@ -79,14 +80,7 @@ def _fused_grad_x_kernel(
     tile is BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),), grouped by GROUP_M row tiles.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_N)
-    group_size = GROUP_M * num_pid_k
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = (first_pid_m + (pid % group_size) % group_m).to(tl.int64)
-    pid_k = (pid % group_size) // group_m
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)

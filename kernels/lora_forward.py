@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .configs import down_configs, gemm_configs, limit_tile_per_thread, rank_block
 from .dropout import drop_threshold, keep_mask
+from .tiling import grouped_tile
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -89,14 +90,7 @@ def _fused_forward_kernel(
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
     so that neighbouring programs share W tiles in L2.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = (first_pid_m + (pid % group_size) % group_m).to(tl.int64)
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
