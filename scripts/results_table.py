@@ -20,13 +20,27 @@ def load(path):
         return json.load(f)
 
 
+def label(path):
+    """The folder as the repository names it (results/...), whatever the current directory."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def run_section(run_dir, rel):
     metrics = load(run_dir / "metrics.json")
+    data = load(run_dir / "config.json")["data"]
     config = metrics["config"]
     a, b = metrics["domains"]
     acc, loss, initial = metrics["accuracy"], metrics["loss"], metrics["initial"]
     lines = [
-        f"Main run: `{metrics['variant']}`, seed {metrics['seed']}, base `{metrics['model']}`, "
+        f"#### `{label(run_dir)}`",
+        "",
+        f"`{metrics['variant']}` (DyLoRA {config['dylora']}, lambda_order {config['lambda_order']:g}, "
+        f"lambda_DC {config['lambda_dc']:g}), seed {metrics['seed']}, base `{metrics['model']}`, "
+        f"{data['train_examples']} training and {data['eval_examples']} eval examples per domain, "
         f"lr {config['lr']:g}, {config['epochs']} epochs per stage, batch {config['batch_size']}, "
         f"r_max {config['r_max']}, Stage 2 rank schedule {' -> '.join(map(str, config['rank_schedule']))}; "
         f"{metrics['wall_seconds'] / 60:.1f} min on `{metrics['device']}` "
@@ -66,7 +80,7 @@ def run_section(run_dir, rel):
 def compare_section(compare_dir, rel):
     summary = load(compare_dir / "summary.json")
     table, columns = summary["table"], summary["columns"]
-    lines = ["Comparison (mean ± sample standard deviation over seeds; "
+    lines = [f"#### `{label(compare_dir)}`", "", "Comparison (mean ± sample standard deviation over seeds; "
              "forgetting = accuracy on the first domain lost by the end):", "",
              "| variant | seeds | " + " | ".join(columns.values()) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -93,7 +107,8 @@ def main():
     results = Path(args.results)
     base = Path(args.readme).resolve().parent if args.readme else Path.cwd()
     parts = []
-    for run_dir in sorted(results.glob("*/seed-*")):
+    # Shortest folder names first: the main run ("hybrid") before its variations.
+    for run_dir in sorted(results.glob("*/seed-*"), key=lambda p: (len(p.parent.name), str(p))):
         if (run_dir / "metrics.json").is_file() and not (run_dir.parent / "summary.json").is_file():
             parts.append(run_section(run_dir, os.path.relpath(run_dir, base)))
     for compare_dir in sorted(p.parent for p in results.glob("*/summary.json")):
