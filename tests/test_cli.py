@@ -74,6 +74,10 @@ def test_train_writes_config_metrics_adapters_and_plots(trained_run):
         for name in metrics["plots"]:
             assert (trained_run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(trained_run.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    # Written through a private temporary file, yet given the mode a plain open() gives.
+    assert (trained_run / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_eval_sweeps_a_saved_adapter_and_matches_the_run(trained_run, tmp_path, capsys):
