@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .data import resolve_domain
 from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
 from .files import read_json, write_json, write_text
@@ -85,7 +86,8 @@ def _add_training(parser, variant_flag):
                              "(default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<variant> or runs/compare)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep runs whose metrics.json already exists; others restart from their beginning")
+                        help="keep runs that finished (their metrics.json exists); continue the others from their "
+                             "checkpoint")
     parser.add_argument("--no-plots", action="store_true", help="draw no PNG plots")
     hp = parser.add_argument_group("hyperparameters (defaults: the original experiment's)")
     hp.add_argument("--r-max", type=_positive_int, default=_default("r_max"), help="LoRA rank at the start (%(default)s)")
@@ -94,12 +96,16 @@ def _add_training(parser, variant_flag):
     hp.add_argument("--target-modules", nargs="+", default=list(_default("target_modules")), help="(%(default)s)")
     hp.add_argument("--batch-size", type=_positive_int, default=_default("batch_size"), help="(%(default)s)")
     hp.add_argument("--epochs", type=_positive_int, default=_default("epochs"), help="per domain (%(default)s)")
+    hp.add_argument("--grad-accum", type=_positive_int, default=_default("grad_accum"),
+                    help="micro-batches per optimizer step (%(default)s)")
     hp.add_argument("--lr", type=float, default=_default("lr"), help="AdamW learning rate (%(default)s)")
     hp.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="(%(default)s)")
     hp.add_argument("--lambda-order", type=float, default=None,
                     help=f"ordering penalty weight (default: the variant's; {_default('lambda_order')} when on)")
     hp.add_argument("--lambda-dc", type=float, default=None,
                     help=f"domain-correlation weight (default: the variant's; {_default('lambda_dc')} when on)")
+    hp.add_argument("--dc-mode", choices=("delta", "weights"), default=_default("dc_mode"),
+                    help="L_DC over the update matrices or the rank-aligned factors (%(default)s)")
     hp.add_argument("--dylora", choices=("off", "frozen", "full"), default=None,
                     help=f"DyLoRA sampled rank per step (default: the variant's; {_default('dylora')} when on)")
     hp.add_argument("--rank-schedule", nargs="*", type=int, default=None, metavar="RANK",
@@ -109,11 +115,14 @@ def _add_training(parser, variant_flag):
                     help="drop AdamW's moments at a rank cut instead of keeping those of the kept components")
     hp.add_argument("--eval-batch-size", type=_positive_int, default=_default("eval_batch_size"), help="(%(default)s)")
     hp.add_argument("--sweep-ranks", nargs="*", type=int, default=None, metavar="RANK",
-                    help="after each stage, evaluate at these ranks (default: powers of two up to r_max)")
+                    help="after each stage, evaluate at these ranks (default: powers of two up to the stage's "
+                         "final rank, and that rank; no value: no sweep)")
     hp.add_argument("--log-every", type=_non_negative_int, default=_default("log_every"),
                     help="steps between train-loss rows; 0: epochs only (%(default)s)")
-    hp.add_argument("--dtype", choices=("float32", "bfloat16"), default=_default("dtype"),
-                    help="autocast dtype of the frozen model (%(default)s)")
+    hp.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=_default("dtype"),
+                    help="autocast dtype of the frozen model; auto: bfloat16 on CUDA, else float32 (%(default)s)")
+    hp.add_argument("--checkpoint-every", type=_non_negative_int, default=_default("checkpoint_every"),
+                    help="optimizer steps between checkpoints; 0: at the end of each epoch and stage (%(default)s)")
     budget = parser.add_argument_group("budget")
     budget.add_argument("--max-steps", type=_non_negative_int, default=0,
                         help="if > 0, at most this many steps per epoch (keeps the first max_steps * batch_size "
@@ -222,7 +231,8 @@ def _overrides(args):
     overrides = {
         "r_max": args.r_max, "alpha": args.alpha, "lora_dropout": args.lora_dropout,
         "target_modules": tuple(args.target_modules), "batch_size": args.batch_size, "epochs": args.epochs,
-        "lr": args.lr, "weight_decay": args.weight_decay,
+        "lr": args.lr, "weight_decay": args.weight_decay, "grad_accum": args.grad_accum, "dc_mode": args.dc_mode,
+        "checkpoint_every": args.checkpoint_every,
         "reset_optimizer_on_rank_change": args.reset_optimizer_on_rank_change,
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
         "device": "" if args.device == "auto" else args.device,
@@ -233,8 +243,6 @@ def _overrides(args):
             overrides[flag] = tuple(value) if flag == "rank_schedule" else value
     if args.sweep_ranks is not None:
         overrides["sweep_ranks"] = tuple(args.sweep_ranks)
-    elif isinstance(args.r_max, int):
-        overrides["sweep_ranks"] = tuple(sorted({1 << k for k in range(args.r_max.bit_length())} | {args.r_max}))
     return overrides
 
 
@@ -296,7 +304,8 @@ def _run_all(specs, out_dir, by_variant, args):
         if tokenizer is None:
             tokenizer = load_tokenizer(spec.model)
             domains = prepare_domains(spec.data, tokenizer, args.batch_size)
-        metrics = run(spec, run_dir, domains=domains, tokenizer=tokenizer, plot=not args.no_plots)
+        metrics = run(spec, run_dir, domains=domains, tokenizer=tokenizer, plot=not args.no_plots,
+                      resume=args.resume)
         s = metrics["summary"]
         if "forgetting" in s:
             say(f"== {spec.variant}, seed {spec.seed}: retention {s['retention']:.4f}, "
@@ -344,7 +353,10 @@ def _train(parser, args, variants, by_variant):
     write_json(out_dir / "command.json", {"argv": sys.argv[1:],
                                           "args": {k: v for k, v in vars(args).items() if k != "parser"}})
     with _backend(args.backend, device):
-        results = _run_all(specs, out_dir, by_variant, args)
+        try:
+            results = _run_all(specs, out_dir, by_variant, args)
+        except CheckpointError as err:
+            parser.error(f"--resume: {err}")
     if by_variant or len(args.seeds) > 1:
         _write_summary(results, out_dir, args)
     print(f"outputs in {out_dir}")

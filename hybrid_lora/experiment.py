@@ -10,7 +10,8 @@ A run is one (variant, seed) over a sequence of domains. Its folder holds
     plots/*.png    see ``plots``
 
 Both JSON files are written atomically, so a folder with a metrics.json holds a
-finished run; ``--resume`` skips such runs and redoes any other from its start.
+finished run. While a run trains, the trainer keeps a checkpoint in its folder;
+``--resume`` skips finished runs and continues the others from their checkpoint.
 """
 
 import dataclasses
@@ -24,6 +25,7 @@ import torch
 
 from . import __version__
 from .adapter_files import save_adapter
+from .checkpoint import checkpoint_path
 from .data import load_domain
 from .files import read_json, write_json
 from .layer import lora_layers
@@ -145,9 +147,17 @@ def say(line):
     print(line, flush=True)
 
 
-def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True):
-    """Train one run into `run_dir` and return its metrics. `domains` (tokenized) may be shared between runs."""
+def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume=False):
+    """Train one run into `run_dir` and return its metrics. `domains` (tokenized) may be shared between runs.
+
+    The trainer checkpoints into `run_dir` while the run goes on; `resume` continues
+    from that checkpoint (a fresh start if there is none), otherwise it is discarded.
+    The checkpoint is deleted once metrics.json is written.
+    """
     run_dir = Path(run_dir)
+    checkpoint = checkpoint_path(run_dir)
+    if not resume and checkpoint.exists():
+        checkpoint.unlink()
     config = train_config(spec)
     if tokenizer is None:
         tokenizer = load_tokenizer(spec.model)
@@ -167,12 +177,12 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True):
     model = load_model(config)
     saver = _StageSaver(model, run_dir, spec.model, config.epochs, echo)
     start = time.perf_counter()
-    results = run_continual(model, domains, config, log=saver)
+    results = run_continual(model, domains, config, log=saver, checkpoint_dir=run_dir, resume=resume)
     wall = time.perf_counter() - start
     epochs = [row for row in results["history"] if row["kind"] == "epoch"]
     tokens = sum(row["tokens"] for row in epochs)
     train_seconds = sum(row["seconds"] for row in epochs)
-    ranks = [config.r_max, *config.rank_schedule, *config.sweep_ranks,
+    ranks = [config.r_max, *config.rank_schedule, *(config.sweep_ranks or ()),
              *(1 << k for k in range(config.r_max.bit_length()))]
     metrics = {
         **results,
@@ -185,7 +195,8 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True):
         "train_tokens": tokens,
         "train_seconds": train_seconds,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
-        "adapters": saver.adapters,
+        # Every stage's file, also those a resumed run saved before it was interrupted.
+        "adapters": sorted(f"adapters/{p.name}" for p in (run_dir / "adapters").glob("stage*.safetensors")),
     }
     metrics["summary"] = run_summary(metrics)
     if plot:
@@ -193,4 +204,5 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True):
 
         metrics["plots"] = plot_run(metrics, run_dir / "plots", echo=echo)
     write_json(run_dir / "metrics.json", metrics)
+    checkpoint.unlink(missing_ok=True)
     return metrics

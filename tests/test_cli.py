@@ -179,3 +179,32 @@ def test_forgetting_and_the_run_summary_of_known_matrices():
     assert summary["acc_a_own"] == 0.80 and summary["acc_a_final"] == 0.60 and summary["acc_b_final"] == 0.90
     assert summary["loss_a_final"] == 1.5 and summary["loss_b_final"] == 0.7
     assert summary["forgetting"] == pytest.approx(0.20) and summary["retention"] == 0.75
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_metrics(trained_run, tmp_path, monkeypatch, capsys):
+    from hybrid_lora import experiment
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_in_stage_2(row):
+        if row["stage"] == 1:
+            raise Interrupted
+        return "row"
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "format_row", interrupt_in_stage_2)
+        with pytest.raises(Interrupted):
+            main(["train", *TINY, "--out", str(out), "--no-plots"])
+    run_dir = out / "seed-42"
+    assert (run_dir / "checkpoint.safetensors").is_file() and not (run_dir / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(out), "--no-plots", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 2 (embedded-b) epoch 2" in printed and "stage 1 (embedded-a)" not in printed  # continued
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    whole = json.loads((trained_run / "metrics.json").read_text())
+    assert resumed["accuracy"] == whole["accuracy"] and resumed["loss"] == whole["loss"]
+    assert resumed["adapters"] == whole["adapters"]
+    assert not (run_dir / "checkpoint.safetensors").exists()
