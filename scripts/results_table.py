@@ -1,9 +1,9 @@
 """Write the README's results section from a committed run's metrics.json and a comparison's summary.json.
 
-    python scripts/results_table.py [--results results/embedded-default] [--readme docs/README-experiment.md]
+    python scripts/results_table.py [--results results/embedded-default] [--readme README.md]
 
 Prints the section; with --readme, replaces the text between the markers
-``<!-- results:start -->`` and ``<!-- results:end -->`` in that file. Every
+``<!-- experiment:start -->`` and ``<!-- experiment:end -->`` in that file. Every
 number comes from the JSON files; nothing is typed in by hand.
 """
 
@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
 
 
 def load(path):
