@@ -29,8 +29,8 @@ import torch
 
 from .record import REPO_ROOT
 
-KERNEL_MODULES = ("hybrid_lora.kernels.lora_forward", "hybrid_lora.kernels.lora_backward",
-                  "hybrid_lora.kernels.dropout")
+KERNEL_MODULES = ("hybrid_lora.kernels.skinny", "hybrid_lora.kernels.lora_forward",
+                  "hybrid_lora.kernels.lora_backward", "hybrid_lora.kernels.dropout")
 
 
 def interpreter_enabled() -> bool:

@@ -2,7 +2,7 @@
 
 With S = s D(X) A_r saved by the forward (scale included), Y = X W + b + S B_r
 and upstream gradient dY:
-    dS = s dY B_r^T                      [M, r]   ``_lora_grad_s_kernel``
+    dS = s dY B_r^T                      [M, r]   ``skinny.skinny_product``
     dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
     dA_r = D(X)^T dS                     [K, r]   ``_lora_grad_weight_kernel``
     dB_r = S^T dY                        [r, N]   ``_lora_grad_weight_kernel``
@@ -16,46 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, gemm_configs, limit_tile_per_thread, rank_block, weight_grad_configs
+from .configs import gemm_configs, limit_tile_per_thread, rank_block, weight_grad_configs
 from .dropout import drop_threshold, keep_mask
-from .lora_forward import dot_precision
+from .skinny import dot_precision, skinny_product
 from .tiling import grouped_tile
-
-
-@triton.autotune(configs=down_configs(), key=["M", "N", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank", "stride_dsm"])
-def _lora_grad_s_kernel(
-    # pointers
-    dy_ptr, b_ptr, ds_ptr,
-    # sizes and scalars
-    M, N, rank, scale,
-    # strides
-    stride_dym, stride_dyn, stride_br, stride_bn, stride_dsm, stride_dsr,
-    # meta-parameters
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dS[m, j] = scale * sum_n dY[m, n] B[j, n] for j < rank.
-
-    dY: [M, N], B: [R, N], dS: [M, rank]. BLOCK_K tiles the reduction over N.
-    Grid: (cdiv(M, BLOCK_M), cdiv(rank, BLOCK_R)).
-    """
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    rank_ok = ranks < rank
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_K):
-        cols = n0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + ranks[None, :] * stride_br + cols[:, None] * stride_bn,
-                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(dy.dtype)
-        acc = tl.dot(dy, b_t, acc, input_precision=DOT_PRECISION)
-    tl.store(ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
-             (acc * scale).to(ds_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
@@ -233,18 +197,8 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
 
     grad_s = None
     if needs_grad_x or needs_grad_a:
-        grad_s = torch.empty((M, rank), dtype=x.dtype, device=x.device)
-
-        def s_grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
-
-        _lora_grad_s_kernel[s_grid](
-            grad_y, lora_b, grad_s,
-            M, N, rank, scale,
-            grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-            grad_s.stride(0), grad_s.stride(1),
-            DOT_PRECISION=precision, BLOCK_R=block_r,
-        )
+        # dS = s dY B_r^T: the skinny product, reading B transposed through its strides.
+        grad_s = skinny_product(grad_y, lora_b.t(), rank, scale)
 
     if needs_grad_x:
         grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)

@@ -2,9 +2,9 @@
 
 Two launches, so that the down-projection is computed once and not once per
 output tile:
-1. ``_lora_down_kernel``: S = s D(X) A[:, :r], a skinny [M, r] product (memory
-   bound: it reads X once). S, with the scale folded in, is kept for the
-   backward.
+1. ``skinny.skinny_product``: S = s D(X) A[:, :r], a skinny [M, r] product
+   (memory bound: it reads X once). S, with the scale folded in, is kept for
+   the backward.
 2. ``_fused_forward_kernel``: the frozen GEMM X W, whose reduction loop
    continues over the rank with S and B, then the bias: one pass over Y.
    This is the reduction ``[X | S] @ [W ; B]`` of length K + r.
@@ -14,60 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, gemm_configs, limit_tile_per_thread, rank_block
-from .dropout import drop_threshold, keep_mask
+from .configs import gemm_configs, rank_block
+from .skinny import dot_precision, skinny_product
 from .tiling import grouped_tile
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: tf32 for fp32 inputs only where torch allows it, as torch's own matmul."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-@triton.autotune(configs=down_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_K")})
-@triton.jit(do_not_specialize=["rank", "seed", "stride_sm"])
-def _lora_down_kernel(
-    # pointers
-    x_ptr, a_ptr, s_ptr,
-    # sizes and scalars
-    M, K, rank, seed, threshold, out_scale,
-    # strides
-    stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
-    # meta-parameters
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """S[m, j] = out_scale * sum_k D(X)[m, k] A[k, j] for j < rank.
-
-    X: [M, K], A: [K, R] (R >= rank), S: [M, rank]. D(X) = X * keep / (1 - p), and
-    out_scale = s / (1 - p) carries both the LoRA scale and the dropout rescaling.
-    Grid: (cdiv(M, BLOCK_M), cdiv(rank, BLOCK_R)).
-    """
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    rank_ok = ranks < rank
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rows, k0, K, threshold, BLOCK_K), x, 0.0)
-        # Adapters may be fp32 while X is bf16 (autocast): compute in X's dtype.
-        a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
-                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
-        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
-    # The scales go once on the accumulator instead of on every element.
-    acc = acc * out_scale
-    tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
-             acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
@@ -135,22 +84,11 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     M, K = x.shape
     N = weight.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    s_down = torch.empty((M, rank), dtype=x.dtype, device=x.device)
     if M == 0:
-        return y, s_down
+        return y, torch.empty((0, rank), dtype=x.dtype, device=x.device)
     block_r = rank_block(rank)
     precision = dot_precision(x.dtype)
-    has_dropout = dropout_p > 0.0
-
-    def down_grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
-
-    _lora_down_kernel[down_grid](
-        x, lora_a, s_down,
-        M, K, rank, seed, drop_threshold(dropout_p), scale / (1.0 - dropout_p),
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s_down.stride(0), s_down.stride(1),
-        HAS_DROPOUT=has_dropout, DOT_PRECISION=precision, BLOCK_R=block_r,
-    )
+    s_down = skinny_product(x, lora_a, rank, scale / (1.0 - dropout_p), dropout_p, seed)
 
     def gemm_grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

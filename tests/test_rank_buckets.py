@@ -20,17 +20,17 @@ from hybrid_lora.kernels.configs import rank_block
 
 # The package re-exports the launchers under the modules' names; take the modules themselves.
 forward_module = importlib.import_module("hybrid_lora.kernels.lora_forward")
+skinny_module = importlib.import_module("hybrid_lora.kernels.skinny")
 backward_module = importlib.import_module("hybrid_lora.kernels.lora_backward")
 
 KERNELS = {
-    "down": forward_module._lora_down_kernel,
+    "skinny": skinny_module._skinny_product_kernel,
     "forward": forward_module._fused_forward_kernel,
-    "grad_s": backward_module._lora_grad_s_kernel,
     "grad_x": backward_module._fused_grad_x_kernel,
     "grad_weight": backward_module._lora_grad_weight_kernel,
 }
-# Launches per training step: the weight-gradient kernel serves dA and dB.
-CALL_SITES = {"grad_weight": 2}
+# Launches per training step: the skinny product serves S and dS, the weight-gradient kernel dA and dB.
+CALL_SITES = {"skinny": 2, "grad_weight": 2}
 
 
 def jit_parameters(kernel):
