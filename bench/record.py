@@ -7,6 +7,7 @@ half a file. Tables and plots are generated from these files only (``bench/repor
 
 import csv
 import datetime
+import io
 import os
 import platform
 import re
@@ -97,19 +98,11 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> Path:
         if set(row) != set(columns):
             missing, extra = sorted(set(columns) - set(row)), sorted(set(row) - set(columns))
             raise ValueError(f"row {i} of {path}: missing columns {missing}, unexpected columns {extra}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, text.getvalue())
 
 
 def read_csv(path) -> list[dict]:
