@@ -170,7 +170,10 @@ def rng_from_checkpoint(tensors):
     torch.set_rng_state(tensors["rng.torch"])
     for name, state in tensors.items():
         if name.startswith("rng.cuda."):
-            torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
+            index = int(name.rsplit(".", 1)[1])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                index = torch.cuda.current_device()  # rank 0 saved its GPU's state; each process has its own GPU
+            torch.cuda.set_rng_state(state, index)
 
 
 def snapshot_to_checkpoint(snapshot):

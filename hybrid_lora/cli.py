@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import CheckpointError
 from .data import resolve_domain
 from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
@@ -273,7 +274,8 @@ def _settings(spec):
     return json.loads(json.dumps({"train_config": config, "data": dataclasses.asdict(spec.data)}))
 
 
-def _check_resumable(parser, specs, out_dir, by_variant):
+def _resume_conflict(specs, out_dir, by_variant):
+    """The message refusing --resume if a kept run was trained with other settings, else None."""
     for spec in specs:
         run_dir = _run_dir(out_dir, spec, by_variant)
         if not is_finished(run_dir):
@@ -285,8 +287,9 @@ def _check_resumable(parser, specs, out_dir, by_variant):
             changed = sorted(k for part in ("train_config", "data")
                              for k in set(kept[part]) | set(_settings(spec)[part])
                              if kept[part].get(k) != _settings(spec)[part].get(k))
-            parser.error(f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
-                         "drop --resume to retrain it, or choose another --out")
+            return (f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
+                    "drop --resume to retrain it, or choose another --out")
+    return None
 
 
 def _run_all(specs, out_dir, by_variant, args):
@@ -294,11 +297,13 @@ def _run_all(specs, out_dir, by_variant, args):
     from .models import load_tokenizer
 
     tokenizer, domains, results = None, None, {}
+    parallel = distributed.current()
     for spec in specs:
         run_dir = _run_dir(out_dir, spec, by_variant)
-        if args.resume and is_finished(run_dir):
+        if args.resume and parallel.from_main(lambda: is_finished(run_dir)):
             say(f"== {spec.variant}, seed {spec.seed}: finished earlier, kept ({run_dir})")
-            results.setdefault(spec.variant, []).append(read_json(run_dir / "metrics.json"))
+            if parallel.is_main:
+                results.setdefault(spec.variant, []).append(read_json(run_dir / "metrics.json"))
             continue
         if tokenizer is None:
             tokenizer = load_tokenizer(spec.model)
@@ -343,20 +348,36 @@ def _train(parser, args, variants, by_variant):
     _check_domains(parser, args.domains)
     _check_backend(parser, args.backend, device)
     specs = _specs(parser, args, variants)
+    try:
+        distributed.setup(args.device)
+        distributed.current().check_batch_size(args.batch_size, "--batch-size")
+    except ValueError as err:
+        parser.error(str(err))
+    if not distributed.current().is_main:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # rank 0 speaks for the group
+            return _train_and_summarise(parser, args, specs, by_variant, device)
+    return _train_and_summarise(parser, args, specs, by_variant, device)
+
+
+def _train_and_summarise(parser, args, specs, by_variant, device):
+    parallel = distributed.current()
     if args.model == "embedded" and args.lr == _default("lr"):
         print(f"note: at the original lr {args.lr:g} the tiny embedded base barely moves in {args.epochs} epochs; "
               "the README's runs use --lr 1e-3")
     out_dir = Path(args.out or (Path("runs") / ("compare" if by_variant else args.variant)))
     if args.resume:
-        _check_resumable(parser, specs, out_dir, by_variant)
-    write_json(out_dir / "command.json", {"argv": sys.argv[1:],
-                                          "args": {k: v for k, v in vars(args).items() if k != "parser"}})
+        conflict = parallel.from_main(lambda: _resume_conflict(specs, out_dir, by_variant))
+        if conflict:
+            parser.error(conflict)
+    if parallel.is_main:
+        write_json(out_dir / "command.json", {"argv": sys.argv[1:],
+                                              "args": {k: v for k, v in vars(args).items() if k != "parser"}})
     with _backend(args.backend, device):
         try:
             results = _run_all(specs, out_dir, by_variant, args)
         except CheckpointError as err:
             parser.error(f"--resume: {err}")
-    if by_variant or len(args.seeds) > 1:
+    if parallel.is_main and (by_variant or len(args.seeds) > 1):
         _write_summary(results, out_dir, args)
     print(f"outputs in {out_dir}")
     return 0
@@ -445,10 +466,13 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.command == "train":
-        return _train(parser, args, [args.variant], by_variant=False)
-    if args.command == "compare":
-        return _train(parser, args, args.variants, by_variant=True)
+    if args.command in ("train", "compare"):
+        try:
+            if args.command == "train":
+                return _train(parser, args, [args.variant], by_variant=False)
+            return _train(parser, args, args.variants, by_variant=True)
+        finally:
+            distributed.teardown()
     if args.command == "eval":
         return _eval(parser, args)
     return _export(parser, args)

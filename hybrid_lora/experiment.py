@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .adapter_files import save_adapter
 from .checkpoint import checkpoint_path
 from .data import load_domain
@@ -115,15 +115,15 @@ def is_finished(run_dir):
 class _StageSaver:
     """The trainer's log callback: prints each row and saves the adapters when a stage's last epoch ends."""
 
-    def __init__(self, model, run_dir, base_model, epochs, echo):
+    def __init__(self, model, run_dir, base_model, epochs, echo, write=True):
         self.model, self.run_dir, self.base_model = model, Path(run_dir), base_model
-        self.epochs, self.echo = epochs, echo
+        self.epochs, self.echo, self.write = epochs, echo, write
         self.adapters = []
 
     def __call__(self, row):
         if self.echo is not None:
             self.echo(format_row(row))
-        if row.get("kind") == "epoch" and row["epoch"] == self.epochs - 1:
+        if self.write and row.get("kind") == "epoch" and row["epoch"] == self.epochs - 1:
             name = f"stage{row['stage'] + 1}-{row['domain']}.safetensors"
             save_adapter(self.model, self.run_dir / "adapters" / name, self.base_model,
                          extra={"stage": row["stage"], "domain": row["domain"]})
@@ -152,18 +152,21 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume
 
     The trainer checkpoints into `run_dir` while the run goes on; `resume` continues
     from that checkpoint (a fresh start if there is none), otherwise it is discarded.
-    The checkpoint is deleted once metrics.json is written.
+    The checkpoint is deleted once metrics.json is written. Under torchrun every
+    process trains and only rank 0 writes files and echoes.
     """
     run_dir = Path(run_dir)
     checkpoint = checkpoint_path(run_dir)
-    if not resume and checkpoint.exists():
+    main = distributed.current().is_main
+    echo = echo if main else None
+    if main and not resume and checkpoint.exists():
         checkpoint.unlink()
     config = train_config(spec)
     if tokenizer is None:
         tokenizer = load_tokenizer(spec.model)
     if domains is None:
         domains = prepare_domains(spec.data, tokenizer, config.batch_size)
-    write_json(run_dir / "config.json", {
+    config_file = {
         "variant": spec.variant, "seed": spec.seed, "model": spec.model,
         "data": dataclasses.asdict(spec.data),
         "data_sizes": {name: {"train": len(train), "eval": len(ev)} for name, train, ev in domains},
@@ -171,11 +174,15 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume
         "overrides": spec.overrides,
         "versions": {"hybrid_lora": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "command": sys.argv,
-    })
+    }
+    if distributed.current().world > 1:
+        config_file["processes"] = distributed.current().world  # data-parallel: batch_size is the global batch
+    if main:
+        write_json(run_dir / "config.json", config_file)
     if echo is not None:
         echo(f"== {spec.variant}, seed {spec.seed}: {' -> '.join(name for name, _, _ in domains)} -> {run_dir}")
     model = load_model(config)
-    saver = _StageSaver(model, run_dir, spec.model, config.epochs, echo)
+    saver = _StageSaver(model, run_dir, spec.model, config.epochs, echo, write=main)
     start = time.perf_counter()
     results = run_continual(model, domains, config, log=saver, checkpoint_dir=run_dir, resume=resume)
     wall = time.perf_counter() - start
@@ -199,6 +206,8 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume
         "adapters": sorted(f"adapters/{p.name}" for p in (run_dir / "adapters").glob("stage*.safetensors")),
     }
     metrics["summary"] = run_summary(metrics)
+    if not main:
+        return metrics
     if plot:
         from .plots import plot_run
 

@@ -49,11 +49,13 @@ def move_batch(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast=None):
+def evaluate(model, loader, device, autocast=None, reduce=None):
     """Loss, perplexity and next-token accuracy of `model` over every batch of `loader`.
 
     Returns {"loss", "perplexity", "accuracy", "tokens"}. The model runs in
-    eval mode (no dropout) and gets its previous mode back.
+    eval mode (no dropout) and gets its previous mode back. reduce: applied to
+    each token-weighted sum (loss, correct, targets) before the means are taken,
+    such as a sum over the processes that each evaluated a shard.
     """
     was_training = model.training
     model.eval()
@@ -72,6 +74,8 @@ def evaluate(model, loader, device, autocast=None):
             count += (targets != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
+    if reduce is not None:
+        loss_sum, correct, count = reduce(loss_sum), reduce(correct), reduce(count)
     tokens = int(count)
     if tokens == 0:
         raise ValueError("evaluate: the data set holds no labelled target token; expected labels other than -100")

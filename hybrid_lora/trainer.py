@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapter_files import named_adapters
 from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint,
                          optimizer_to_checkpoint, require_equal, rng_from_checkpoint, rng_to_checkpoint,
@@ -44,7 +45,7 @@ from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, opti
 from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
                            freeze_leading_grads, scheduled_rank, truncate_adapters)
 from .layer import inject_lora, lora_layers
-from .metrics import backward_transfer, causal_lm_loss, evaluate, final_minus_own, model_logits, move_batch, retention
+from .metrics import backward_transfer, evaluate, final_minus_own, model_logits, move_batch, retention
 from .models import pick_device
 from .regularizers import DC_MODES, order_penalty, snapshot_adapters
 
@@ -271,6 +272,7 @@ class _Stage:
     config: TrainConfig
     log: object
     history: list = field(default_factory=list)
+    parallel: distributed.DataParallel = field(default_factory=distributed.current)
 
 
 def _regularizer(stage):
@@ -292,16 +294,19 @@ def _train_step(model, micro_batches, stage, totals):
     One DyLoRA rank is drawn per optimizer step, as for one large batch; the
     regularisers do not depend on the data and are added once.
     """
-    config, layers = stage.config, stage.layers
+    config, layers, parallel = stage.config, stage.layers, stage.parallel
     rank = layers[0].rank
     sampled = stage.sampler.sample(rank) if config.dylora != "off" else rank
     with active_rank(layers, sampled):
-        for batch in micro_batches:
-            with autocast_context(stage.device, resolved_dtype(config, stage.device)):
-                ce = causal_lm_loss(model_logits(model, batch), batch["labels"]) / len(micro_batches)
-            ce.backward()
+        for i, batch in enumerate(micro_batches):
+            # With several processes, gradients are averaged once per step, after the last micro-batch.
+            with parallel.sync_gradients(model, i == len(micro_batches) - 1):
+                with autocast_context(stage.device, resolved_dtype(config, stage.device)):
+                    ce, tokens = parallel.micro_batch_loss(model_logits(model, batch), batch)
+                    ce = ce / len(micro_batches)
+                parallel.backward(ce)
             totals.ce += ce.detach()
-            totals.tokens += batch["attention_mask"].sum()
+            totals.tokens += tokens
     if config.dylora == "frozen":
         freeze_leading_grads(layers, sampled)
     # The regularisers see the whole adapter at the scheduled rank, and their
@@ -333,12 +338,8 @@ def _train_epoch(model, dataset, stage, where, state):
     """Train one epoch from micro-batch state.batch on; return the epoch row's training figures."""
     config, device = stage.config, stage.device
     order = epoch_order(len(dataset), config.seed, where["stage"], where["epoch"])
-    start_batch = state.batch
-    # A list of indices is a sampler: the epoch's order, less the micro-batches a resumed run already did.
-    loader = DataLoader(dataset, batch_size=config.batch_size,
-                        sampler=order[start_batch * config.batch_size:].tolist(),
-                        generator=torch.Generator(),  # keeps the loader off torch's global generator
-                        pin_memory=device.type == "cuda")  # lets move_batch copy without blocking
+    start_batch = state.batch  # counted in global micro-batches, whatever the number of processes
+    loader = stage.parallel.epoch_loader(dataset, order, start_batch, config.batch_size, device.type == "cuda")
     n_batches = math.ceil(len(dataset) / config.batch_size)
     n_steps = math.ceil(n_batches / config.grad_accum)
     totals = state.epoch_totals or _EpochTotals.zeros(device)
@@ -360,7 +361,7 @@ def _train_epoch(model, dataset, stage, where, state):
         state.global_step += 1
         bar.update()
         if config.log_every and totals.steps % config.log_every == 0:
-            ce_sum = float(totals.ce)  # the one host sync of a logging interval
+            ce_sum = float(stage.parallel.sum(totals.ce))  # the one host sync of a logging interval
             train_loss = (ce_sum - totals.logged_ce) / (totals.steps - totals.logged_steps)
             bar.set_postfix(loss=f"{train_loss:.4f}", rank=stage.layers[0].rank)
             _record(stage, {**where, "kind": "step", "step": totals.steps, "global_step": state.global_step,
@@ -376,9 +377,9 @@ def _train_epoch(model, dataset, stage, where, state):
     _sync(device)
     bar.close()
     seconds = totals.seconds + time.perf_counter() - start
-    tokens = int(totals.tokens)
+    tokens = int(stage.parallel.sum(totals.tokens))
     return {
-        "train_loss": float(totals.ce) / totals.steps,
+        "train_loss": float(stage.parallel.sum(totals.ce)) / totals.steps,
         "order_penalty": float(totals.order) / totals.steps if config.lambda_order > 0 else None,
         "domain_correlation": float(totals.dc) / totals.steps if stage.snapshot is not None else None,
         "steps": totals.steps,
@@ -391,11 +392,14 @@ def _train_epoch(model, dataset, stage, where, state):
 def _eval_loader(dataset, config):
     # A loader draws a seed from its generator at every pass, from torch's global
     # one if it has none: its own keeps evaluation from shifting the dropout stream.
-    return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, generator=torch.Generator())
+    return DataLoader(distributed.current().eval_shard(dataset), batch_size=config.eval_batch_size, shuffle=False,
+                      generator=torch.Generator())
 
 
 def _evaluate(model, loader, device, config):
-    return evaluate(model, loader, device, autocast_context(device, resolved_dtype(config, device)))
+    """The loader's shard evaluated here, its sums reduced over the processes."""
+    return evaluate(model, loader, device, autocast_context(device, resolved_dtype(config, device)),
+                    reduce=distributed.current().sum)
 
 
 def _trainable(model):
@@ -428,13 +432,15 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
     if state.stage != stage:
         raise ValueError(f"train_stage: the training state stands at stage {state.stage}; expected stage {stage}")
     device = pick_device(config.device or None)
+    parallel = distributed.current()
+    parallel.check_batch_size(config.batch_size, "TrainConfig.batch_size")
     model.to(device)
     params = _trainable(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if state.optimizer_state is not None:
         optimizer_from_checkpoint(optimizer, *state.optimizer_state)
         state.optimizer_state = None
-    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history)
+    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel)
     eval_loader = _eval_loader(domain.eval, config)
     for epoch in range(state.epoch, config.epochs):
         where = {"stage": stage, "domain": domain.name, "epoch": epoch}
@@ -446,7 +452,8 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
             if epoch == 0 or layers[0].rank != previous:
                 _rank_row(run, where, previous, params)
         where = {**where, "rank": layers[0].rank, "trainable_params": sum(p.numel() for p in params)}
-        row = {**where, "kind": "epoch", **_train_epoch(model, domain.train, run, where, state)}
+        # Wrapped per epoch: a rank cut changes the parameters' shapes, which DDP fixes at construction.
+        row = {**where, "kind": "epoch", **_train_epoch(parallel.wrap(model, device), domain.train, run, where, state)}
         state.own_eval = _evaluate(model, eval_loader, device, config)
         _record(run, {**row, **{f"eval_{k}": v for k, v in state.own_eval.items()}})
         state.epoch, state.batch = epoch + 1, 0
@@ -467,6 +474,7 @@ class _Checkpointer:
 
     def __init__(self, directory, model, domains, config, device):
         self.directory, self.model, self.device = directory, model, device
+        self.parallel = distributed.current()
         self.path = checkpoint_path(directory)
         self.config = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config))).items()
                        if k not in self.IGNORED_FIELDS}
@@ -475,6 +483,14 @@ class _Checkpointer:
         self.data = {f"{i}:{d.name}": _fingerprint(d) for i, d in enumerate(domains)}
 
     def save(self, state, optimizer, totals=None):
+        """Write the checkpoint from rank 0; every process calls this (the epoch sums are reduced over them)."""
+        totals_tensors = {}
+        if totals is not None:
+            totals_tensors = totals.tensors()
+            for key in ("totals.ce", "totals.tokens"):  # per-process shares; the other sums agree everywhere
+                totals_tensors[key] = self.parallel.sum(totals_tensors[key])
+        if not self.parallel.is_main:
+            return
         tensors = {}
         for name, layer in named_adapters(self.model):
             tensors[f"adapter.{name}.lora_a"] = layer.lora_a
@@ -487,8 +503,7 @@ class _Checkpointer:
         if state.snapshot is not None:
             snapshot_tensors, snapshot_scales = snapshot_to_checkpoint(state.snapshot)
             tensors.update(snapshot_tensors)
-        if totals is not None:
-            tensors.update(totals.tensors())
+        tensors.update(totals_tensors)
         progress = {
             "stage": state.stage, "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
             "rank": named_adapters(self.model)[0][1].rank, "history": state.history, "initial": state.initial,
@@ -501,7 +516,7 @@ class _Checkpointer:
 
     def restore(self, state):
         """Put the adapters, generators and `state` back as the checkpoint has them."""
-        tensors, meta = load_checkpoint(self.directory)
+        tensors, meta = self.parallel.from_main(lambda: load_checkpoint(self.directory))
         require_equal("configuration", meta["config"], self.config, self.path)
         require_equal("model (adapted layers: [in, out] features)", meta["layers"], self.layers, self.path)
         require_equal("data (domain: examples and content digest)", meta["data"], self.data, self.path)
@@ -532,6 +547,8 @@ class _Checkpointer:
                                      progress["param_groups"])
         if progress["totals"] is not None:
             totals = {k.split(".", 1)[1]: v.to(self.device) for k, v in tensors.items() if k.startswith("totals.")}
+            if not self.parallel.is_main:  # the saved sums are the group's: rank 0 carries them on
+                totals["ce"], totals["tokens"] = torch.zeros_like(totals["ce"]), torch.zeros_like(totals["tokens"])
             state.epoch_totals = _EpochTotals(**totals, **progress["totals"])
         state.sampler.generator.set_state(tensors["rng.rank_sampler"])
         rng_from_checkpoint(tensors)
@@ -583,7 +600,7 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
     state = TrainingState(RankSampler(config.seed))
     if checkpoint_dir is not None:
         state.checkpointer = _Checkpointer(checkpoint_dir, model, domains, config, device)
-        if state.checkpointer.path.exists():
+        if distributed.current().from_main(state.checkpointer.path.exists):
             if not resume:
                 raise ValueError(f"run_continual: {str(state.checkpointer.path)!r} exists; pass resume=True to "
                                  "continue it, or give another checkpoint_dir")
