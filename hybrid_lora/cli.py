@@ -140,6 +140,9 @@ def build_parser():
 
     compare = commands.add_parser("compare", help="several variants over several seeds; mean ± std table")
     compare.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    compare.add_argument("--gpus", nargs="*", default=None, metavar="ID",
+                         help="run the (variant, seed) runs side by side, one process per GPU id given (no id: "
+                              "every visible GPU), each a train command with its log in OUT/logs")
     _add_training(compare, variant_flag=False)
     _add_data(compare)
     _add_runtime(compare)
@@ -348,6 +351,8 @@ def _train(parser, args, variants, by_variant):
     _check_domains(parser, args.domains)
     _check_backend(parser, args.backend, device)
     specs = _specs(parser, args, variants)
+    if getattr(args, "gpus", None) is not None:
+        return _compare_on_gpus(parser, args, specs)
     try:
         distributed.setup(args.device)
         distributed.current().check_batch_size(args.batch_size, "--batch-size")
@@ -379,6 +384,51 @@ def _train_and_summarise(parser, args, specs, by_variant, device):
             parser.error(f"--resume: {err}")
     if parallel.is_main and (by_variant or len(args.seeds) > 1):
         _write_summary(results, out_dir, args)
+    print(f"outputs in {out_dir}")
+    return 0
+
+
+def _child_argv(parser, args, spec, out_dir):
+    """The train command of one compare run: its variant, seed and folder, and every other flag compare got."""
+    argv = ["train", "--variant", spec.variant, "--seeds", str(spec.seed), "--out", str(out_dir / spec.variant)]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "variants", "seeds", "out", "gpus"):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _compare_on_gpus(parser, args, specs):
+    from .device_pool import Job, run_on_devices, visible_gpus
+
+    if distributed.launched_by_torchrun():
+        parser.error("--gpus starts one process per run itself; run compare without torchrun")
+    devices = args.gpus or visible_gpus()
+    if not devices:
+        parser.error("--gpus: no GPU is visible (CUDA_VISIBLE_DEVICES or torch.cuda.device_count()); "
+                     "give the ids to use")
+    out_dir = Path(args.out or Path("runs") / "compare")
+    jobs = [Job(f"{spec.variant}, seed {spec.seed}", _child_argv(parser, args, spec, out_dir),
+                out_dir / "logs" / f"{spec.variant}-seed-{spec.seed}.log") for spec in specs]
+    codes = run_on_devices(jobs, devices, echo=say)
+    failed = [job for job in jobs if codes[job.name] != 0]
+    for job in failed:
+        say(f"== {job.name} failed: see {job.log}")
+    if failed:
+        return 1
+    results = {}
+    for spec in specs:
+        results.setdefault(spec.variant, []).append(read_json(_run_dir(out_dir, spec, True) / "metrics.json"))
+    _write_summary(results, out_dir, args)
     print(f"outputs in {out_dir}")
     return 0
 
