@@ -21,7 +21,8 @@ and evaluates. An optimizer step may sum ``grad_accum`` micro-batches. The
 data order of an epoch is a pure function of (seed, stage, epoch), and every
 other source of randomness (torch's generators, the DyLoRA sampler) is saved in
 the checkpoints (``checkpoint``), so a run killed at any point and resumed ends
-with the metrics of a run never interrupted.
+with the metrics of a run never interrupted. Under torchrun the same loop runs
+data-parallel, each process on a shard of every global batch (``distributed``).
 """
 
 import dataclasses
