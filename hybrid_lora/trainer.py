@@ -345,7 +345,8 @@ def _train_epoch(model, dataset, stage, where, state):
     n_steps = math.ceil(n_batches / config.grad_accum)
     totals = state.epoch_totals or _EpochTotals.zeros(device)
     state.epoch_totals = None
-    bar = tqdm(total=n_steps, initial=totals.steps, disable=None if config.progress else True, leave=False,
+    show = config.progress and stage.parallel.is_main  # one bar for the group
+    bar = tqdm(total=n_steps, initial=totals.steps, disable=None if show else True, leave=False,
                desc=f"stage {where['stage']} ({where['domain']}) epoch {where['epoch']}", unit="step")
     bar.set_postfix(rank=stage.layers[0].rank)
     _sync(device)
