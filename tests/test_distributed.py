@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hybrid_lora import distributed
-from hybrid_lora.device_pool import Job, run_on_devices, visible_gpus
+from hybrid_lora.device_pool import Job, run_on_devices, start_job, visible_gpus
 
 # Two-stage runs on a 2-layer GPT-2. argv: result.json, checkpoint folder or "-", mode, settings (comma-separated).
 # 21 training examples in global micro-batches of 4: the last has one example, so the second
@@ -355,18 +355,51 @@ def test_visible_gpus_follow_cuda_visible_devices():
     assert visible_gpus({}, count=3) == ["0", "1", "2"]
 
 
-def test_compare_on_gpus_runs_each_variant_and_seed_in_its_own_process(tmp_path):
-    """Two stand-in GPU ids on a CPU machine: each run is a train command seeing one id, the summary is compare's."""
+def test_compare_on_gpus_runs_each_variant_and_seed_as_a_train_command(tmp_path, monkeypatch, capsys):
+    """Two stand-in GPU ids on a CPU machine; the runs are made in this process to keep the test quick."""
+    from hybrid_lora import cli, device_pool
+
+    class Done:
+        def __init__(self, code):
+            self.code = code
+
+        def poll(self):
+            return self.code
+
+    given = []
+
+    def start_here(job, device):
+        given.append((job.argv[:7], device))
+        return Done(cli.main(job.argv))
+
+    pool = device_pool.run_on_devices
+    monkeypatch.setattr(device_pool, "run_on_devices", lambda jobs, devices, echo: pool(jobs, devices, start_here,
+                                                                                           0, echo))
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "compare"
-    argv = [sys.executable, "-m", "hybrid_lora", "compare", "--variants", "lora_only", "hybrid", "--seeds", "7",
-            "--gpus", "4", "6", "--train-examples", "16", "--eval-examples", "8", "--epochs", "2", "--r-max", "8",
-            "--no-plots", "--device", "cpu", "--threads", "1", "--max-length", "32", "--out", str(out)]
-    done = subprocess.run(argv, env=environment(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "lora_only, seed 7: started on GPU 4" in done.stdout and "hybrid, seed 7: started on GPU 6" in done.stdout
+    assert cli.main(["compare", "--variants", "lora_only", "hybrid", "--seeds", "7", "--gpus", "4", "6",
+                     "--train-examples", "16", "--eval-examples", "8", "--epochs", "2", "--r-max", "8", "--no-plots",
+                     "--device", "cpu", "--max-length", "32", "--out", str(out)]) == 0
+    assert given == [(["train", "--variant", variant, "--seeds", "7", "--out", str(out / variant)], device)
+                     for variant, device in (("lora_only", "4"), ("hybrid", "6"))]
     for variant in ("lora_only", "hybrid"):
         metrics = json.loads((out / variant / "seed-7" / "metrics.json").read_text())
-        assert metrics["variant"] == variant and metrics["config"]["r_max"] == 8
-        assert "stage 2 (embedded-b) epoch 2" in (out / "logs" / f"{variant}-seed-7.log").read_text()
+        assert metrics["variant"] == variant and metrics["config"]["r_max"] == 8 and metrics["config"]["epochs"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"] == {"lora_only": ["lora_only/seed-7"], "hybrid": ["hybrid/seed-7"]}
+    assert "hybrid, seed 7: started on GPU 6" in capsys.readouterr().out
+
+
+def test_a_run_process_sees_only_its_gpu_and_logs_to_its_file(tmp_path, monkeypatch):
+    seen = {}
+
+    def popen(argv, env, stdout, stderr):
+        seen.update(argv=argv, visible=env["CUDA_VISIBLE_DEVICES"], log=stdout.name)
+        return "process"
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    job = Job("hybrid, seed 1", ["train", "--seeds", "1"], tmp_path / "logs" / "hybrid-seed-1.log")
+    assert start_job(job, "3") == "process"
+    assert seen == {"argv": [sys.executable, "-m", "hybrid_lora", "train", "--seeds", "1"], "visible": "3",
+                    "log": str(job.log)}
