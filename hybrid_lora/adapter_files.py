@@ -5,16 +5,27 @@ The file holds, for every ``LoRAConv1D`` at module path P, the tensors
 so every rank up to r_max stays available), and string metadata: the active
 rank, alpha, the target module names, the base model and the LoRA dropout.
 The frozen weights are not stored: the base model supplies them.
+
+Since format 2 the metadata holds a content digest (``tensor_files``): a file
+altered or damaged after writing is refused. Format 1 files (no digest) still load.
 """
 
 import json
+import math
 
 import torch
 
+from .errors import BadValue
 from .files import atomic_write
 from .layer import LoRAConv1D, inject_lora
+from .tensor_files import decode, encode, non_finite, read_bytes
 
-FORMAT = "hybrid-lora-adapter/1"
+FORMAT = "hybrid-lora-adapter/2"
+FORMATS_WITHOUT_DIGEST = ("hybrid-lora-adapter/1",)
+
+
+class AdapterFileError(BadValue):
+    """An adapter file that is damaged, not an adapter file, or does not fit the model."""
 
 
 def named_adapters(model):
@@ -23,9 +34,10 @@ def named_adapters(model):
 
 
 def save_adapter(model, path, base_model, extra=None):
-    """Write the adapters of `model` to `path` (safetensors, atomically). Returns the metadata written."""
-    from safetensors.torch import save_file
+    """Write the adapters of `model` to `path` (safetensors, atomically). Returns the metadata written.
 
+    Adapters with NaN or infinity raise NonFiniteTensor and leave the file at `path` as it was.
+    """
     adapters = named_adapters(model)
     if not adapters:
         raise ValueError("save_adapter: the model holds no LoRAConv1D; nothing to save")
@@ -47,27 +59,64 @@ def save_adapter(model, path, base_model, extra=None):
         "base_model": str(base_model),
         "extra": json.dumps(extra or {}),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    data = encode(tensors, metadata, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+    return metadata
+
+
+def _parse_metadata(raw, path):
+    """The metadata strings of an adapter file as numbers and lists, each checked; AdapterFileError if not."""
+    try:
+        metadata = {
+            "rank": int(raw["rank"]), "r_max": int(raw["r_max"]), "alpha": float(raw["alpha"]),
+            "lora_dropout": float(raw["lora_dropout"]), "target_modules": json.loads(raw["target_modules"]),
+            "base_model": raw["base_model"], "extra": json.loads(raw.get("extra", "{}")),
+        }
+    except KeyError as err:
+        raise AdapterFileError(f"adapter file {str(path)!r} has no {err.args[0]!r} in its metadata") from None
+    except ValueError as err:
+        raise AdapterFileError(f"adapter file {str(path)!r} has unreadable metadata ({err})") from None
+    if not 1 <= metadata["rank"] <= metadata["r_max"]:
+        raise AdapterFileError(f"adapter file {str(path)!r}: rank {metadata['rank']} outside [1, r_max "
+                               f"{metadata['r_max']}]")
+    if not (math.isfinite(metadata["alpha"]) and metadata["alpha"] > 0):
+        raise AdapterFileError(f"adapter file {str(path)!r}: alpha {metadata['alpha']!r}; expected a number > 0")
+    if not 0.0 <= metadata["lora_dropout"] < 1.0:
+        raise AdapterFileError(f"adapter file {str(path)!r}: lora_dropout {metadata['lora_dropout']!r}; "
+                               "expected a probability in [0, 1)")
+    targets = metadata["target_modules"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise AdapterFileError(f"adapter file {str(path)!r}: target_modules {targets!r}; expected module names")
     return metadata
 
 
 def read_adapter(path):
-    """(tensors, metadata) of an adapter file; metadata values are parsed back to numbers and lists."""
-    from safetensors import safe_open
+    """(tensors, metadata) of an adapter file; metadata values are parsed back to numbers and lists.
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"adapter file {str(path)!r} does not exist") from None
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"adapter file {str(path)!r} has format {raw.get('format')!r}; expected {FORMAT!r}")
-    metadata = {
-        "rank": int(raw["rank"]), "r_max": int(raw["r_max"]), "alpha": float(raw["alpha"]),
-        "lora_dropout": float(raw["lora_dropout"]), "target_modules": json.loads(raw["target_modules"]),
-        "base_model": raw["base_model"], "extra": json.loads(raw.get("extra", "{}")),
-    }
+    Raises MissingFile for no such file and AdapterFileError, naming the file, for
+    one that is damaged, altered, not an adapter file, or holds NaN or infinity.
+    """
+    tensors, raw = decode(read_bytes(path, "adapter file"), path, "adapter file", error=AdapterFileError,
+                          require_digest=lambda raw: raw.get("format") not in FORMATS_WITHOUT_DIGEST)
+    if raw.get("format") != FORMAT and raw.get("format") not in FORMATS_WITHOUT_DIGEST:
+        raise AdapterFileError(f"adapter file {str(path)!r} has format {raw.get('format')!r}; expected {FORMAT!r}")
+    metadata = _parse_metadata(raw, path)
+    r_max = metadata["r_max"]
+    for name, t in tensors.items():
+        part = name.rsplit(".", 1)[-1]
+        expected_dim = {"lora_a": 1, "lora_b": 0}.get(part)
+        if expected_dim is None or t.dim() != 2 or t.shape[expected_dim] != r_max or not t.is_floating_point():
+            raise AdapterFileError(f"adapter file {str(path)!r}: tensor {name!r} {t.dtype} {tuple(t.shape)}; "
+                                   f"expected .lora_a [in, {r_max}] and .lora_b [{r_max}, out] float tensors")
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"adapter file {str(path)!r}: {len(bad)} tensor(s) hold NaN or infinity "
+                               f"({', '.join(sorted(bad)[:3])}); expected finite adapters (a diverged run?)")
     return tensors, metadata
 
 
@@ -83,15 +132,15 @@ def attach_adapter(model, path, dropout=None):
     expected = {f"{name}.{part}" for name, _ in adapters for part in ("lora_a", "lora_b")}
     if expected != set(tensors):
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"adapter file {str(path)!r} does not fit the model: missing {missing[:4]}, "
+        raise AdapterFileError(f"adapter file {str(path)!r} does not fit the model: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     with torch.no_grad():
         for name, module in adapters:
             for part in ("lora_a", "lora_b"):
                 param, stored = getattr(module, part), tensors[f"{name}.{part}"]
                 if param.shape != stored.shape:
-                    raise ValueError(f"adapter file {str(path)!r}: {name}.{part} has shape {tuple(stored.shape)}; "
-                                     f"the model expects {tuple(param.shape)}")
+                    raise AdapterFileError(f"adapter file {str(path)!r}: {name}.{part} has shape "
+                                           f"{tuple(stored.shape)}; the model expects {tuple(param.shape)}")
                 param.copy_(stored.to(param.dtype))
             module.set_rank(metadata["rank"])
     return metadata

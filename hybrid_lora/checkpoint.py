@@ -22,7 +22,6 @@ and metadata entry) must match, and the caller compares config, layers and data
 with ``require_equal``, which names every difference.
 """
 
-import hashlib
 import json
 import os
 import tempfile
@@ -30,30 +29,20 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadValue
 from .regularizers import AdapterFactors, AdapterSnapshot
+from .tensor_files import decode, encode, read_bytes
 
 FORMAT = "hybrid-lora-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadValue):
     """A checkpoint that cannot be used: unreadable, corrupt, or made by a different run."""
 
 
 def checkpoint_path(directory):
     return Path(directory) / CHECKPOINT_NAME
-
-
-def _digest(tensors, metadata):
-    """sha256 over (name, dtype, shape, bytes) of every tensor and every metadata entry, in sorted order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    for key in sorted(metadata):
-        h.update(f"{key}={metadata[key]}|".encode())
-    return h.hexdigest()
 
 
 def _write_durably(path, data):
@@ -82,43 +71,31 @@ def save_checkpoint(directory, tensors, metadata):
     """Write `tensors` (name -> tensor) and `metadata` (name -> JSON-ready value) to directory/checkpoint.safetensors.
 
     Returns the path. The tensors are copied to the CPU; metadata values are stored as JSON.
+    A tensor with NaN or infinity raises NonFiniteTensor and leaves the previous checkpoint in place.
     """
-    from safetensors.torch import save
-
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
     strings = {key: json.dumps(value) for key, value in metadata.items()}
     strings["format"] = FORMAT
-    strings["digest"] = _digest(tensors, strings)
     path = checkpoint_path(directory)
-    _write_durably(path, save(tensors, metadata=strings))
+    _write_durably(path, encode(tensors, strings, path))
     return path
 
 
 def load_checkpoint(directory):
     """(tensors, metadata) of directory/checkpoint.safetensors; raises CheckpointError if it is not whole and ours."""
-    from safetensors.torch import load
-
     path = checkpoint_path(directory)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
-    try:
-        tensors = load(data)
-        header_length = int.from_bytes(data[:8], "little")
-        raw = json.loads(data[8:8 + header_length]).get("__metadata__", {})
-    except Exception as err:  # safetensors raises its own error types for a bad header or a short file
-        raise CheckpointError(f"checkpoint {str(path)!r} ({len(data)} bytes) cannot be read: {err}; "
-                              "expected a whole safetensors file (truncated or overwritten?)") from err
+        data = read_bytes(path, "checkpoint")
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from None
+    tensors, raw = decode(data, path, "checkpoint", error=CheckpointError)
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} has format {raw.get('format')!r}; expected {FORMAT!r}")
-    stored_digest = raw.pop("digest", None)
-    actual_digest = _digest(tensors, raw)
-    if stored_digest != actual_digest:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its content digest is {actual_digest[:16]}..., "
-                              f"the digest stored at writing {str(stored_digest)[:16]}...")
     raw.pop("format")
-    return tensors, {key: json.loads(value) for key, value in raw.items()}
+    try:
+        return tensors, {key: json.loads(value) for key, value in raw.items()}
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} has metadata that is not JSON ({err})") from None
 
 
 def require_equal(what, saved, current, path):

@@ -9,7 +9,10 @@
 Every training hyperparameter is a flag whose default is the original
 experiment's. The four method flags (--lambda-order, --lambda-dc, --dylora,
 --rank-schedule) default to what --variant sets; given explicitly they win.
-Bad values exit with status 2 and a message naming the value.
+Bad values exit with status 2 and a message naming the value; so does every
+other error in what the user gave (a file, data, a model, a checkpoint, the hub
+out of reach, an output folder in use): one line, no traceback (``--debug``
+shows it).
 """
 
 import argparse
@@ -21,10 +24,11 @@ import sys
 from pathlib import Path
 
 from . import distributed
-from .checkpoint import CheckpointError
 from .data import resolve_domain
+from .errors import UserError
 from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
 from .files import read_json, write_json, write_text
+from .folder_lock import hold_folder
 from .trainer import VARIANTS, TrainConfig
 
 _DEFAULTS = TrainConfig.__dataclass_fields__
@@ -100,6 +104,9 @@ def _add_training(parser, variant_flag):
                     help="micro-batches per optimizer step (%(default)s)")
     hp.add_argument("--lr", type=float, default=_default("lr"), help="AdamW learning rate (%(default)s)")
     hp.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="(%(default)s)")
+    hp.add_argument("--on-nonfinite", choices=("stop", "skip"), default=_default("on_nonfinite"),
+                    help="a NaN or infinite loss or gradient stops the run, or only its step is skipped "
+                         "(%(default)s)")
     hp.add_argument("--lambda-order", type=float, default=None,
                     help=f"ordering penalty weight (default: the variant's; {_default('lambda_order')} when on)")
     hp.add_argument("--lambda-dc", type=float, default=None,
@@ -168,6 +175,7 @@ def build_parser():
     export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     export.add_argument("--device", default="cpu", help="device to merge on (default: %(default)s)")
     for sub in (train, compare, evaluate, export):
+        sub.add_argument("--debug", action="store_true", help="show the traceback of an error")
         sub.set_defaults(parser=sub)
     return parser
 
@@ -216,7 +224,7 @@ def _check_domains(parser, names):
     for name in names:
         try:
             resolve_domain(name)
-        except (ValueError, FileNotFoundError) as err:
+        except UserError as err:
             parser.error(f"--domains: {err}")
 
 
@@ -225,7 +233,7 @@ def _check_model(parser, name):
 
     try:
         return resolve_model(name)
-    except (ValueError, FileNotFoundError) as err:
+    except UserError as err:
         parser.error(f"--model: {err}")
 
 
@@ -235,6 +243,7 @@ def _overrides(args):
         "r_max": args.r_max, "alpha": args.alpha, "lora_dropout": args.lora_dropout,
         "target_modules": tuple(args.target_modules), "batch_size": args.batch_size, "epochs": args.epochs,
         "lr": args.lr, "weight_decay": args.weight_decay, "grad_accum": args.grad_accum, "dc_mode": args.dc_mode,
+        "on_nonfinite": args.on_nonfinite,
         "checkpoint_every": args.checkpoint_every,
         "reset_optimizer_on_rank_change": args.reset_optimizer_on_rank_change,
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
@@ -295,11 +304,38 @@ def _resume_conflict(specs, out_dir, by_variant):
     return None
 
 
-def _run_all(specs, out_dir, by_variant, args):
-    """Run (or, with --resume, reuse) every spec; returns {variant: [metrics]}. Data is tokenized once."""
+def _prepare(specs, out_dir, by_variant, args):
+    """(tokenizer, tokenized domains) shared by the runs that will train, or (None, None) if none will.
+
+    Read before anything is written, so that bad data leaves the output folder as it was.
+    """
     from .models import load_tokenizer
 
-    tokenizer, domains, results = None, None, {}
+    parallel = distributed.current()
+    pending = [spec for spec in specs
+               if not (args.resume and parallel.from_main(lambda: is_finished(_run_dir(out_dir, spec, by_variant))))]
+    if not pending:
+        return None, None
+    tokenizer = load_tokenizer(pending[0].model)
+    return tokenizer, prepare_domains(pending[0].data, tokenizer, args.batch_size)
+
+
+def _hold_run_folders(stack, specs, out_dir, by_variant):
+    """Lock the folder of every run of the command for as long as `stack` lasts (rank 0 alone, for a group).
+
+    One run per folder: a run folder in use by another command stops this one
+    before it writes anything (``folder_lock``); every process gets the error.
+    """
+    def hold():
+        for spec in specs:
+            stack.enter_context(hold_folder(_run_dir(out_dir, spec, by_variant)))
+
+    distributed.current().from_main(hold)
+
+
+def _run_all(specs, out_dir, by_variant, args, tokenizer, domains):
+    """Run (or, with --resume, reuse) every spec; returns {variant: [metrics]}. Data is tokenized once."""
+    results = {}
     parallel = distributed.current()
     for spec in specs:
         run_dir = _run_dir(out_dir, spec, by_variant)
@@ -308,9 +344,6 @@ def _run_all(specs, out_dir, by_variant, args):
             if parallel.is_main:
                 results.setdefault(spec.variant, []).append(read_json(run_dir / "metrics.json"))
             continue
-        if tokenizer is None:
-            tokenizer = load_tokenizer(spec.model)
-            domains = prepare_domains(spec.data, tokenizer, args.batch_size)
         metrics = run(spec, run_dir, domains=domains, tokenizer=tokenizer, plot=not args.no_plots,
                       resume=args.resume)
         s = metrics["summary"]
@@ -374,14 +407,13 @@ def _train_and_summarise(parser, args, specs, by_variant, device):
         conflict = parallel.from_main(lambda: _resume_conflict(specs, out_dir, by_variant))
         if conflict:
             parser.error(conflict)
-    if parallel.is_main:
-        write_json(out_dir / "command.json", {"argv": sys.argv[1:],
-                                              "args": {k: v for k, v in vars(args).items() if k != "parser"}})
-    with _backend(args.backend, device):
-        try:
-            results = _run_all(specs, out_dir, by_variant, args)
-        except CheckpointError as err:
-            parser.error(f"--resume: {err}")
+    tokenizer, domains = _prepare(specs, out_dir, by_variant, args)
+    with contextlib.ExitStack() as held, _backend(args.backend, device):
+        _hold_run_folders(held, specs, out_dir, by_variant)
+        if parallel.is_main:
+            write_json(out_dir / "command.json", {"argv": sys.argv[1:],
+                                                  "args": {k: v for k, v in vars(args).items() if k != "parser"}})
+        results = _run_all(specs, out_dir, by_variant, args, tokenizer, domains)
     if parallel.is_main and (by_variant or len(args.seeds) > 1):
         _write_summary(results, out_dir, args)
     print(f"outputs in {out_dir}")
@@ -437,10 +469,7 @@ def _load_adapter_model(parser, args):
     from .adapter_files import attach_adapter, read_adapter
     from .models import load_model_and_tokenizer
 
-    try:
-        _, metadata = read_adapter(args.adapter)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(f"adapter: {err}")
+    _, metadata = read_adapter(args.adapter)
     model_name = args.model or metadata["base_model"]
     _check_model(parser, model_name)
     model, tokenizer = load_model_and_tokenizer(model_name, device="cpu")
@@ -512,6 +541,17 @@ def _export(parser, args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     parser = args.parser  # the subcommand's parser: its errors show its own usage line
+    try:
+        return _command(parser, args)
+    except UserError as err:
+        if args.debug:
+            raise
+        # One line, as argparse gives for a bad flag: what was wrong and what was expected.
+        print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _command(parser, args):
     if getattr(args, "threads", None):
         import torch
 

@@ -7,24 +7,38 @@ A domain is named by one of
   - ``embedded-a``, ``embedded-b`` (and ``embedded-general``): the corpus shipped in
     ``hybrid_lora/assets/corpus`` (see its README; made by ``scripts/make_corpus.py``),
     which needs no network;
-  - a path to a local ``.txt`` (one example per non-empty line), ``.jsonl`` or
-    ``.csv`` file (a ``text`` column). The file is shuffled with the seed and cut
-    into disjoint parts: the first n_eval examples for evaluation, the next
-    n_train for training.
+  - a path to a local ``.txt`` (one example per non-empty line), ``.jsonl`` (one
+    JSON object per line with a string ``text``) or ``.csv`` (a header row with a
+    ``text`` column) file, UTF-8 (a BOM is allowed). The file is shuffled with the
+    seed and cut into disjoint parts: the first n_eval examples for evaluation,
+    the next n_train for training. Blank texts are skipped; a file that is not
+    UTF-8, holds no text, lacks the ``text`` column or field, or has a line that
+    does not parse is refused with an error naming the file and the line.
+
+Every problem with the data the user named (an unknown name, a missing or
+unreadable file, fewer examples than asked for, the hub unreachable) raises a
+``errors.UserError`` whose message names the data set or file.
 
 Tokenization (the original's): at most ``max_length`` (128) tokens, padded with
 EOS, ``labels`` equal to ``input_ids`` with -100 on the padding. Each example is a
 dict of LongTensors ``input_ids``, ``attention_mask``, ``labels``, all of shape [T].
 All examples of one call share T = min(max_length, longest example), so they stack
 into batches; padding beyond that would change no loss or accuracy (the padding is
-on the right, masked, and unlabelled) and would only cost time.
+on the right, masked, and unlabelled) and would only cost time. A text longer
+than ``max_length`` tokens is truncated to its first ``max_length`` tokens (the
+original's ``truncation=True``); the rest of it is not trained on.
 """
 
+import csv
 import gzip
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .errors import BadValue, MissingFile, Unavailable
 
 HUB_DATASETS = ("imdb", "yelp_polarity")
 # domain name -> file stem in CORPUS_DIR
@@ -47,9 +61,9 @@ def known_names():
 
 
 def resolve_domain(name):
-    """Check a domain name without reading it. Raises ValueError (unknown name) or FileNotFoundError (no such file)."""
+    """Check a domain name without reading it. Raises BadValue (unknown name) or MissingFile (no such file)."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"dataset {name!r}: expected a dataset name or a file path")
+        raise BadValue(f"dataset {name!r}: expected a dataset name or a file path")
     if name in HUB_DATASETS:
         return DomainSource(name, "hub", name)
     if name in EMBEDDED_DOMAINS:
@@ -57,39 +71,53 @@ def resolve_domain(name):
     path = Path(name).expanduser()
     looks_like_path = path.suffix.lower() in LOCAL_SUFFIXES or "/" in name or "\\" in name
     if not looks_like_path:
-        raise ValueError(
+        raise BadValue(
             f"unknown dataset {name!r}: expected one of {', '.join(known_names())}, "
             f"or a path to a {'/'.join(LOCAL_SUFFIXES)} file"
         )
     if path.suffix.lower() not in LOCAL_SUFFIXES:
-        raise ValueError(f"dataset file {name!r}: unsupported file type {path.suffix!r}; expected one of {LOCAL_SUFFIXES}")
+        raise BadValue(f"dataset file {name!r}: unsupported file type {path.suffix!r}; expected one of {LOCAL_SUFFIXES}")
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {name!r} does not exist")
+        raise MissingFile(f"dataset file {name!r} does not exist")
     return DomainSource(path.stem, "file", str(path))
 
 
 def _check_counts(n_train, n_eval):
     for what, n, least in (("n_train", n_train, 0), ("n_eval", n_eval, 1)):
         if isinstance(n, bool) or not isinstance(n, int) or n < least:
-            raise ValueError(f"{what}={n!r}: expected an integer >= {least}")
+            raise BadValue(f"{what}={n!r}: expected an integer >= {least}")
 
 
 def _too_few(source, split, have, want, flag):
-    return ValueError(
+    return BadValue(
         f"dataset {source.location!r} has {have} {split} examples; {want} were asked for (lower {flag})"
     )
 
 
-def _hub_texts(source, n_train, n_eval):
-    import datasets
+def _load_hub_split(name, split):
+    """datasets.load_dataset(name, split=split), with a missing package or an unreachable hub as Unavailable."""
+    try:
+        import datasets
+    except ImportError:
+        raise Unavailable(f"dataset {name!r} is read with the 'datasets' package, which is not installed; "
+                          "pip install datasets, or give a local .txt/.jsonl/.csv file") from None
+    try:
+        return datasets.load_dataset(name, split=split)
+    except OSError as err:  # ConnectionError and the hub's not-found errors are OSErrors
+        reason = " ".join(str(err).split())[:200]
+        raise Unavailable(f"dataset {name!r} could not be downloaded or found in the cache ({reason}); "
+                          "download it once with network access (it is then read from the cache with "
+                          "HF_DATASETS_OFFLINE=1), or give a local .txt/.jsonl/.csv file instead") from None
 
+
+def _hub_texts(source, n_train, n_eval):
     texts = {}
     for split, hub_split, n, flag in (("train", "train", n_train, "--train-examples"),
                                       ("eval", "test", n_eval, "--eval-examples")):
         if n == 0:
             texts[split] = []
             continue
-        ds = datasets.load_dataset(source.location, split=hub_split).shuffle(seed=SHUFFLE_SEED)
+        ds = _load_hub_split(source.location, hub_split).shuffle(seed=SHUFFLE_SEED)
         if len(ds) < n:
             raise _too_few(source, split, len(ds), n, flag)
         texts[split] = list(ds.select(range(n))["text"])
@@ -113,24 +141,78 @@ def _embedded_texts(source, n_train, n_eval):
     return train[:n_train], evaluation[:n_eval]
 
 
-def read_text_file(path):
-    """All texts of a local .txt / .jsonl / .csv file, in file order, through ``datasets``' loaders."""
-    import datasets
+def _decode(path, data):
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise BadValue(f"dataset file {str(path)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset "
+                       f"{err.start} (line {line}); expected a UTF-8 encoded file") from None
 
+
+def _jsonl_texts(path, text):
+    texts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise BadValue(f"dataset file {str(path)!r}, line {number}: not JSON ({err.msg}); expected one JSON "
+                           "object per line") from None
+        if not isinstance(row, dict) or "text" not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise BadValue(f"dataset file {str(path)!r}, line {number}: has {keys}; expected an object with a "
+                           "'text' field")
+        if not isinstance(row["text"], str):
+            raise BadValue(f"dataset file {str(path)!r}, line {number}: 'text' is a {type(row['text']).__name__}; "
+                           "expected a string")
+        texts.append(row["text"])
+    return texts
+
+
+def _csv_texts(path, text):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if reader.fieldnames is None or "text" not in reader.fieldnames:
+            raise BadValue(f"dataset file {str(path)!r} has columns {reader.fieldnames or []}; expected a 'text' "
+                           "column in its header row")
+        return [row["text"] or "" for row in reader]
+    except csv.Error as err:
+        raise BadValue(f"dataset file {str(path)!r}, line {reader.line_num}: not CSV ({err})") from None
+
+
+def read_text_file(path):
+    """All non-blank texts of a local .txt / .jsonl / .csv file, in file order (see the module docstring).
+
+    Read with the standard library, so local files need neither ``datasets`` nor a network.
+    """
     path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingFile(f"dataset file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise BadValue(f"dataset file {str(path)!r} is a folder; expected a .txt, .jsonl or .csv file") from None
+    text = _decode(path, data)
     suffix = path.suffix.lower()
-    builder = {".txt": "text", ".jsonl": "json", ".csv": "csv"}[suffix]
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    if "text" not in ds.column_names:
-        raise ValueError(f"dataset file {str(path)!r} has columns {ds.column_names}; expected a 'text' column")
-    texts = [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+    if suffix == ".jsonl":
+        texts = _jsonl_texts(path, text)
+    elif suffix == ".csv":
+        texts = _csv_texts(path, text)
+    else:
+        texts = text.splitlines()
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise BadValue(f"dataset file {str(path)!r} holds no text ({len(data)} bytes); expected one example per "
+                       f"{'row' if suffix != '.txt' else 'line'}")
     return texts
 
 
 def _file_texts(source, n_train, n_eval):
     texts = read_text_file(source.location)
     if len(texts) < n_train + n_eval:
-        raise ValueError(
+        raise BadValue(
             f"dataset file {source.location!r} has {len(texts)} non-empty texts; {n_eval} eval + {n_train} train "
             "were asked for (lower --eval-examples / --train-examples)"
         )
@@ -158,12 +240,13 @@ def tokenize(texts, tokenizer, max_length=128):
         raise ValueError(f"max_length={max_length!r}: expected an integer >= 2")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token to pad with")
+    texts = list(texts)
     if not texts:
         raise ValueError("tokenize: no texts")
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)["input_ids"]
     lengths = [len(x) for x in ids]
     if min(lengths) == 0:
-        raise ValueError(f"tokenize: text {lengths.index(0)} has no tokens")
+        raise BadValue(f"tokenize: text {lengths.index(0)} ({texts[lengths.index(0)][:40]!r}) has no tokens")
     width = max(lengths)
     input_ids = torch.full((len(ids), width), tokenizer.eos_token_id, dtype=torch.long)  # (N, T)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import BadValue, MissingFile
+
 
 def _umask():
     mask = os.umask(0)
@@ -65,5 +67,12 @@ def write_text(path, text):
 
 
 def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON value in `path`; MissingFile or BadValue, naming the file, if it is absent or not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MissingFile(f"{str(path)!r} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadValue(f"{str(path)!r} is not a JSON file ({err}); expected the file as hybrid-lora wrote it "
+                       "(edited or truncated?)") from None

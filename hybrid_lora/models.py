@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadValue, MissingFile, Unavailable
+
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-gpt2"
 
@@ -34,27 +36,39 @@ def resolve_model(name_or_path):
     with '.', '/' or '~', or that names a missing folder next to a config.json).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"model {name_or_path!r}: expected 'embedded', 'gpt2' or a checkpoint folder")
+        raise BadValue(f"model {name_or_path!r}: expected 'embedded', 'gpt2' or a checkpoint folder")
     if name_or_path == EMBEDDED_MODEL:
         if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR} (reinstall the package)")
+            raise MissingFile(f"the embedded model is missing from {EMBEDDED_MODEL_DIR} (reinstall the package)")
         return str(EMBEDDED_MODEL_DIR)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {name_or_path!r} has no config.json; expected a GPT-2 checkpoint folder")
+            raise MissingFile(f"model folder {name_or_path!r} has no config.json; expected a GPT-2 checkpoint folder")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or path.exists():
-        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+        raise MissingFile(f"model folder {name_or_path!r} does not exist")
     return name_or_path  # a hub id such as "gpt2"
+
+
+def from_pretrained(cls, name_or_path, **kwargs):
+    """cls.from_pretrained(resolve_model(name_or_path)); a model that cannot be had raises Unavailable naming it."""
+    location = resolve_model(name_or_path)
+    try:
+        return cls.from_pretrained(location, **kwargs)
+    except OSError as err:  # transformers' "couldn't connect" and missing-file errors are OSErrors
+        reason = " ".join(str(err).split())[:200]
+        raise Unavailable(f"model {name_or_path!r} could not be loaded ({reason}); expected a GPT-2 checkpoint "
+                          "folder, or a hub id downloaded once with network access (then read from the cache "
+                          "with HF_HUB_OFFLINE=1)") from None
 
 
 def load_tokenizer(name_or_path=EMBEDDED_MODEL):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; GPT-2 tokenizers pad with EOS")
+        raise BadValue(f"tokenizer of {name_or_path!r} has no EOS token; GPT-2 tokenizers pad with EOS")
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -63,10 +77,9 @@ def load_model_and_tokenizer(name_or_path=EMBEDDED_MODEL, device=None, dtype=tor
     """(GPT2LMHeadModel in `dtype` on `device`, tokenizer padding with EOS), both from `name_or_path`."""
     from transformers import GPT2LMHeadModel
 
-    location = resolve_model(name_or_path)
-    model = GPT2LMHeadModel.from_pretrained(location, dtype=dtype)
+    model = from_pretrained(GPT2LMHeadModel, name_or_path, dtype=dtype)
     if model.config.model_type != "gpt2":
-        raise ValueError(f"model {name_or_path!r} is a {model.config.model_type!r}; expected a GPT-2 checkpoint")
+        raise BadValue(f"model {name_or_path!r} is a {model.config.model_type!r}; expected a GPT-2 checkpoint")
     model.config.pad_token_id = model.config.eos_token_id
     tokenizer = load_tokenizer(name_or_path)
     return model.to(pick_device(device)), tokenizer

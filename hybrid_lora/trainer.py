@@ -21,7 +21,9 @@ and evaluates. An optimizer step may sum ``grad_accum`` micro-batches. The
 data order of an epoch is a pure function of (seed, stage, epoch), and every
 other source of randomness (torch's generators, the DyLoRA sampler) is saved in
 the checkpoints (``checkpoint``), so a run killed at any point and resumed ends
-with the metrics of a run never interrupted. Under torchrun the same loop runs
+with the metrics of a run never interrupted. Each optimizer step goes through
+the non-finite guard (``nonfinite``): a NaN or infinite loss or gradient makes
+no update, and stops the run (or is skipped) at the next read of the host. Under torchrun the same loop runs
 data-parallel, each process on a shard of every global batch (``distributed``).
 """
 
@@ -47,7 +49,8 @@ from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, c
                            freeze_leading_grads, scheduled_rank, truncate_adapters)
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, evaluate, final_minus_own, model_logits, move_batch, retention
-from .models import pick_device
+from .models import from_pretrained, pick_device
+from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .regularizers import DC_MODES, order_penalty, snapshot_adapters
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -67,6 +70,7 @@ class TrainConfig:
     epochs: int = 3  # per domain
     lr: float = 5e-5
     weight_decay: float = 0.01  # torch's AdamW default
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that step (``nonfinite``)
     # the continual method
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
     lambda_dc: float = 0.1  # weight of the domain-correlation loss, stages after the first; 0 turns it off
@@ -118,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dylora={self.dylora!r}; expected one of {DYLORA_MODES}")
         if self.dc_mode not in DC_MODES:
             raise ValueError(f"TrainConfig.dc_mode={self.dc_mode!r}; expected one of {tuple(DC_MODES)}")
+        if self.on_nonfinite not in POLICIES:
+            raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r}; expected one of {POLICIES}")
         if self.dtype != "auto" and self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {('auto', *AUTOCAST_DTYPES)}")
         check_rank_schedule(self.rank_schedule, self.r_max, self.epochs)
@@ -190,7 +196,7 @@ def load_model(config):
     from transformers import GPT2LMHeadModel
 
     device = pick_device(config.device or None)
-    model = GPT2LMHeadModel.from_pretrained(config.model_name)
+    model = from_pretrained(GPT2LMHeadModel, config.model_name)
     torch.manual_seed(config.seed)
     layers = inject_lora(model, config.target_modules, r_max=config.r_max, alpha=config.alpha,
                          dropout=config.lora_dropout)
@@ -243,22 +249,25 @@ class _EpochTotals:
     order: torch.Tensor
     dc: torch.Tensor
     tokens: torch.Tensor
+    skipped: torch.Tensor  # steps skipped as non-finite (their losses are not in the sums)
     steps: int = 0
-    logged_ce: float = 0.0  # ce and steps at the latest step row
+    logged_ce: float = 0.0  # ce, steps and skipped steps at the latest step row
     logged_steps: int = 0
+    logged_skipped: int = 0
     seconds: float = 0.0  # training time of the epoch before a resume
 
     @classmethod
     def zeros(cls, device):
         return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)),
-                   torch.zeros((), dtype=torch.int64, device=device))
+                   *(torch.zeros((), dtype=torch.int64, device=device) for _ in range(2)))
 
     def tensors(self):
-        return {"totals.ce": self.ce, "totals.order": self.order, "totals.dc": self.dc, "totals.tokens": self.tokens}
+        return {"totals.ce": self.ce, "totals.order": self.order, "totals.dc": self.dc, "totals.tokens": self.tokens,
+                "totals.skipped": self.skipped}
 
     def scalars(self):
         return {"steps": self.steps, "logged_ce": self.logged_ce, "logged_steps": self.logged_steps,
-                "seconds": self.seconds}
+                "logged_skipped": self.logged_skipped, "seconds": self.seconds}
 
 
 @dataclass
@@ -274,6 +283,7 @@ class _Stage:
     log: object
     history: list = field(default_factory=list)
     parallel: distributed.DataParallel = field(default_factory=distributed.current)
+    guard: NonFiniteGuard = None
 
 
 def _regularizer(stage):
@@ -298,6 +308,7 @@ def _train_step(model, micro_batches, stage, totals):
     config, layers, parallel = stage.config, stage.layers, stage.parallel
     rank = layers[0].rank
     sampled = stage.sampler.sample(rank) if config.dylora != "off" else rank
+    step_ce = None
     with active_rank(layers, sampled):
         for i, batch in enumerate(micro_batches):
             # With several processes, gradients are averaged once per step, after the last micro-batch.
@@ -306,7 +317,7 @@ def _train_step(model, micro_batches, stage, totals):
                     ce, tokens = parallel.micro_batch_loss(model_logits(model, batch), batch)
                     ce = ce / len(micro_batches)
                 parallel.backward(ce)
-            totals.ce += ce.detach()
+            step_ce = ce.detach() if step_ce is None else step_ce + ce.detach()
             totals.tokens += tokens
     if config.dylora == "frozen":
         freeze_leading_grads(layers, sampled)
@@ -315,12 +326,16 @@ def _train_step(model, micro_batches, stage, totals):
     regularizer, order, dc = _regularizer(stage)
     if regularizer is not None:
         regularizer.backward()
-    stage.optimizer.step()
+    # optimizer.step(), skipped on the device if the loss or a gradient is not finite
+    guard = stage.guard
+    guard.step(step_ce if regularizer is None else step_ce + regularizer.detach())
     stage.optimizer.zero_grad(set_to_none=True)
+    totals.ce += guard.kept(step_ce)
     if order is not None:
-        totals.order += order.detach()
+        totals.order += guard.kept(order.detach())
     if dc is not None:
-        totals.dc += dc.detach()
+        totals.dc += guard.kept(dc.detach())
+    totals.skipped += guard.skip.long()  # the same on every process
     totals.steps += 1
 
 
@@ -328,6 +343,12 @@ def _record(stage, row):
     stage.history.append(row)
     if stage.log is not None and row["kind"] in ("step", "epoch"):
         stage.log(row)
+
+
+def _check_finite(stage, where, state, totals):
+    """Read the non-finite guard's flags; under "stop", raise if a step since the last read was not finite."""
+    stage.guard.poll(where["stage"], where["domain"], where["epoch"], state.global_step - totals.steps,
+                     stage.config.lr)
 
 
 def _sync(device):
@@ -363,14 +384,17 @@ def _train_epoch(model, dataset, stage, where, state):
         state.global_step += 1
         bar.update()
         if config.log_every and totals.steps % config.log_every == 0:
-            ce_sum = float(stage.parallel.sum(totals.ce))  # the one host sync of a logging interval
-            train_loss = (ce_sum - totals.logged_ce) / (totals.steps - totals.logged_steps)
+            _check_finite(stage, where, state, totals)  # the host sync of a logging interval
+            ce_sum, skipped = float(stage.parallel.sum(totals.ce)), int(totals.skipped)
+            applied = (totals.steps - totals.logged_steps) - (skipped - totals.logged_skipped)
+            train_loss = (ce_sum - totals.logged_ce) / applied if applied else math.nan
             bar.set_postfix(loss=f"{train_loss:.4f}", rank=stage.layers[0].rank)
             _record(stage, {**where, "kind": "step", "step": totals.steps, "global_step": state.global_step,
-                            "train_loss": train_loss})
-            totals.logged_ce, totals.logged_steps = ce_sum, totals.steps
+                            "train_loss": train_loss, "skipped_steps": skipped - totals.logged_skipped})
+            totals.logged_ce, totals.logged_steps, totals.logged_skipped = ce_sum, totals.steps, skipped
         if (state.checkpointer is not None and config.checkpoint_every
                 and state.global_step % config.checkpoint_every == 0 and batch_index < n_batches):
+            _check_finite(stage, where, state, totals)
             _sync(device)
             totals.seconds += time.perf_counter() - start
             state.batch = batch_index
@@ -379,12 +403,16 @@ def _train_epoch(model, dataset, stage, where, state):
     _sync(device)
     bar.close()
     seconds = totals.seconds + time.perf_counter() - start
-    tokens = int(stage.parallel.sum(totals.tokens))
+    _check_finite(stage, where, state, totals)
+    tokens, skipped = int(stage.parallel.sum(totals.tokens)), int(totals.skipped)
+    applied = totals.steps - skipped
+    check_applied(applied, totals.steps, where["stage"], where["domain"], where["epoch"], config.lr)
     return {
-        "train_loss": float(stage.parallel.sum(totals.ce)) / totals.steps,
-        "order_penalty": float(totals.order) / totals.steps if config.lambda_order > 0 else None,
-        "domain_correlation": float(totals.dc) / totals.steps if stage.snapshot is not None else None,
+        "train_loss": float(stage.parallel.sum(totals.ce)) / applied,
+        "order_penalty": float(totals.order) / applied if config.lambda_order > 0 else None,
+        "domain_correlation": float(totals.dc) / applied if stage.snapshot is not None else None,
         "steps": totals.steps,
+        "skipped_steps": skipped,
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
@@ -438,11 +466,15 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
     parallel.check_batch_size(config.batch_size, "TrainConfig.batch_size")
     model.to(device)
     params = _trainable(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The fused AdamW skips a step on the device flag of the non-finite guard (``nonfinite``).
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=fused_adamw_supported(device) or None)
     if state.optimizer_state is not None:
         optimizer_from_checkpoint(optimizer, *state.optimizer_state)
         state.optimizer_state = None
-    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel)
+    guard = NonFiniteGuard(optimizer, device, config.on_nonfinite, state.global_step,
+                           reduce=parallel.sum if parallel.world > 1 else None)
+    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel, guard)
     eval_loader = _eval_loader(domain.eval, config)
     for epoch in range(state.epoch, config.epochs):
         where = {"stage": stage, "domain": domain.name, "epoch": epoch}
@@ -457,6 +489,7 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
         # Wrapped per epoch: a rank cut changes the parameters' shapes, which DDP fixes at construction.
         row = {**where, "kind": "epoch", **_train_epoch(parallel.wrap(model, device), domain.train, run, where, state)}
         state.own_eval = _evaluate(model, eval_loader, device, config)
+        check_evaluation(state.own_eval["loss"], stage, domain.name, epoch, config.lr)
         _record(run, {**row, **{f"eval_{k}": v for k, v in state.own_eval.items()}})
         state.epoch, state.batch = epoch + 1, 0
         if state.checkpointer is not None:

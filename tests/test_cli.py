@@ -208,3 +208,23 @@ def test_resume_continues_an_interrupted_run_to_the_same_metrics(trained_run, tm
     assert resumed["accuracy"] == whole["accuracy"] and resumed["loss"] == whole["loss"]
     assert resumed["adapters"] == whole["adapters"]
     assert not (run_dir / "checkpoint.safetensors").exists()
+
+
+def test_user_errors_are_one_line_and_internal_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    from hybrid_lora import cli
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--domains", str(empty), "embedded-b", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"hybrid-lora train: error: dataset file {str(empty)!r} holds no text " \
+                                           "(0 bytes); expected one example per line"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fault of the program")
+
+    monkeypatch.setattr(cli, "prepare_domains", broken)
+    with pytest.raises(RuntimeError, match="a fault of the program"):  # not turned into a user error
+        main(["train", *TINY, "--out", str(tmp_path / "run")])

@@ -205,3 +205,44 @@ def test_corpus_files_are_gzip_with_one_document_per_line():
     with gzip.open(data.CORPUS_DIR / "embedded-a.eval.txt.gz", "rt") as f:
         lines = f.read().splitlines()
     assert len(lines) == 1000 and all(line.strip() for line in lines)
+
+
+def test_local_files_are_read_without_datasets_utf8_with_bom_and_quoted_csv(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it would fail: local files do not need it
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffFirst line.\nSecond line.\n".encode("utf-8"))
+    assert data.read_text_file(bom) == ["First line.", "Second line."]
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('id,text\n1,"one, with a comma"\n2,"two\nlines"\n3,\n')
+    assert data.read_text_file(quoted) == ["one, with a comma", "two\nlines"]  # the empty row is skipped
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", "café\n".encode("latin-1"), r"is not UTF-8 text: byte 0xe9 at offset 3 \(line 1\)"),
+    ("numbers.jsonl", b'{"text": 3}\n', r"line 1: 'text' is a int; expected a string"),
+    ("list.jsonl", b'["text"]\n', r"line 1: has list; expected an object with a 'text' field"),
+    ("headless.csv", b"", r"holds no text|has columns \[\]"),
+])
+def test_unreadable_local_files_name_the_file_and_line(tmp_path, name, content, message):
+    from hybrid_lora.errors import UserError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as info:
+        data.read_text_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_line_longer_than_max_length_is_truncated_to_it(tmp_path, tokenizer):
+    """The documented behaviour: the first max_length tokens of a long text are kept, the rest dropped."""
+    path = tmp_path / "long.txt"
+    long_text = " ".join(["Anna lives in Dunmore."] * 500)
+    path.write_text("\n".join([long_text] + [f"Short line {i}." for i in range(5)]) + "\n")
+    _, train, evaluation = data.load_domain(str(path), tokenizer, n_train=4, n_eval=2, max_length=16)
+    lengths = sorted(int(e["attention_mask"].sum()) for e in train + evaluation)
+    assert lengths[-1] == 16 and all(len(e["input_ids"]) <= 16 for e in train + evaluation)
+    full = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    assert len(full) > 16
+    assert any(e["input_ids"].tolist() == full[:16] for e in train + evaluation)  # its first 16 tokens
