@@ -156,26 +156,26 @@ def hold(folder):
 
 def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "run"
-    holder = hold(out)
+    holder = hold(out / "seed-42")  # a run training into run/seed-42
     try:
         line = user_error(cli("train", *TINY, "--out", str(out)))
     finally:
         holder.kill()
         holder.wait(timeout=30)
-    assert f"output folder {str(out)!r} is in use by another hybrid-lora run (pid {holder.pid} on " in line
+    assert f"output folder {str(out / 'seed-42')!r} is in use by another hybrid-lora run (pid {holder.pid} on " in line
     assert ", started 20" in line
-    assert sorted(p.name for p in out.iterdir()) == [".hybrid-lora.lock"]  # the first run's folder, untouched
+    # Refused before writing anything: the first run's folder untouched, no command.json over its own.
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["seed-42", "seed-42/.hybrid-lora.lock"]
 
 
 def test_the_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     out = tmp_path / "run"
-    holder = hold(out)
+    holder = hold(out / "seed-42")
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
-    lock = out / ".hybrid-lora.lock"
+    lock = out / "seed-42" / ".hybrid-lora.lock"
     assert json.loads(lock.read_text())["pid"] == holder.pid  # left behind by the killed run
     # A run that gets past the lock, then stops at a damaged checkpoint: the lock was taken over, then released.
-    (out / "seed-42").mkdir()
     (out / "seed-42" / "checkpoint.safetensors").write_bytes(b"")
     line = user_error(cli("train", *TINY, "--resume", "--out", str(out)))
     assert "checkpoint" in line and "cannot be read" in line and "in use" not in line

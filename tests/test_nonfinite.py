@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hybrid_lora
-from hybrid_lora import trainer
+from hybrid_lora import distributed
 from hybrid_lora.nonfinite import NonFiniteError, NonFiniteGuard
 from hybrid_lora.trainer import TrainConfig, run_continual
 
@@ -124,7 +124,7 @@ def tiny_run(monkeypatch, policy, bad_call, checkpoint_dir=None):
     ids = torch.randint(0, 16, (16, 8), generator=torch.Generator().manual_seed(1))
     examples = [{"input_ids": r, "attention_mask": torch.ones(8, dtype=torch.long), "labels": r} for r in ids]
     calls, seen = [0], {}
-    real_loss = trainer.causal_lm_loss
+    real_loss = distributed.causal_lm_loss  # the training loss of one process
 
     def loss(logits, labels):
         calls[0] += 1
@@ -134,7 +134,7 @@ def tiny_run(monkeypatch, policy, bad_call, checkpoint_dir=None):
             return value * float("nan")
         return value
 
-    monkeypatch.setattr(trainer, "causal_lm_loss", loss)
+    monkeypatch.setattr(distributed, "causal_lm_loss", loss)
     config = TrainConfig(r_max=4, alpha=4.0, epochs=2, batch_size=4, rank_schedule=(), sweep_ranks=(), log_every=1,
                          lr=1e-2, device="cpu", on_nonfinite=policy)
     try:
