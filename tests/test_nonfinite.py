@@ -169,3 +169,18 @@ def test_skip_still_stops_when_every_step_of_an_epoch_is_skipped(monkeypatch):
     error, _, _ = tiny_run(monkeypatch, "skip", bad_call="every")
     assert isinstance(error, NonFiniteError)
     assert "every one of the 4 steps of stage 1 (random), epoch 1 had a NaN or infinite loss" in str(error)
+
+
+def test_every_process_of_a_group_skips_the_step_another_found_non_finite():
+    """`reduce` stands for the all-reduce over the processes: here the other process had a NaN loss."""
+    params, optimizer = params_and_optimizer(True)
+    other = {"found": torch.tensor(0.0)}
+    guard = NonFiniteGuard(optimizer, torch.device("cpu"), "skip", reduce=lambda t: t + other["found"])
+    set_grads(params)
+    guard.step(torch.tensor(1.0))  # a step every process applies
+    before = snapshot(params, optimizer)
+    other["found"] = torch.tensor(1.0)
+    assert float(guard.step(torch.tensor(1.0))) == 1.0  # finite here, non-finite there: skipped here too
+    assert_same(snapshot(params, optimizer), before)
+    other["found"] = torch.tensor(0.0)
+    assert float(guard.step(torch.tensor(1.0))) == 0.0
