@@ -36,8 +36,10 @@ class NonFiniteError(UserError, FloatingPointError):
 
 def fused_adamw_supported(device):
     """Whether torch has a fused AdamW for `device`, the one that skips a step on the device flag."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the list: the guard's other path serves any optimizer
+        return False
     return device.type in _get_fused_kernels_supported_devices()
 
 
