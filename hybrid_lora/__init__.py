@@ -1,9 +1,10 @@
-"""hybrid-lora: fused Triton LoRA with a runtime rank, for continual DyLoRA fine-tuning of GPT-2."""
+"""hybrid-lora: fused Triton LoRA with a runtime rank, for continual DyLoRA fine-tuning of causal LMs."""
 
 from . import reference
 from .function import fused_lora
-from .layer import LoRAConv1D, inject_lora, lora_layers, set_rank
+from .layer import LoRAConv1D, LoRALayer, LoRALinear, inject_lora, lora_layers, set_rank
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_lora", "LoRAConv1D", "inject_lora", "lora_layers", "set_rank", "reference", "__version__"]
+__all__ = ["fused_lora", "LoRALayer", "LoRAConv1D", "LoRALinear", "inject_lora", "lora_layers", "set_rank",
+           "reference", "__version__"]

@@ -1,10 +1,11 @@
 """Saving and loading the LoRA adapters of a model as one safetensors file.
 
-The file holds, for every ``LoRAConv1D`` at module path P, the tensors
-``P.lora_a`` [in, r_max] and ``P.lora_b`` [r_max, out] (the full current width,
-so every rank up to r_max stays available), and string metadata: the active
-rank, alpha, the target module names, the base model and the LoRA dropout.
-The frozen weights are not stored: the base model supplies them.
+The file holds, for every LoRA layer (``nn.Linear`` or Conv1D) at module path
+P, the tensors ``P.lora_a`` [in, r_max] and ``P.lora_b`` [r_max, out] (the full
+current width, so every rank up to r_max stays available), and string
+metadata: the active rank, alpha, the adapted module paths and their name
+suffixes, the base model and the LoRA dropout. The frozen weights are not
+stored: the base model supplies them.
 
 Since format 2 the metadata holds a content digest (``tensor_files``): a file
 altered or damaged after writing is refused. Format 1 files (no digest) still load.
@@ -17,7 +18,7 @@ import torch
 
 from .errors import BadValue
 from .files import atomic_write
-from .layer import LoRAConv1D, inject_lora
+from .layer import LoRALayer, inject_lora
 from .tensor_files import decode, encode, non_finite, read_bytes
 
 FORMAT = "hybrid-lora-adapter/2"
@@ -29,8 +30,8 @@ class AdapterFileError(BadValue):
 
 
 def named_adapters(model):
-    """[(module path, LoRAConv1D)] in module order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRAConv1D)]
+    """[(module path, LoRA layer)] in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
 
 
 def save_adapter(model, path, base_model, extra=None):
@@ -40,7 +41,7 @@ def save_adapter(model, path, base_model, extra=None):
     """
     adapters = named_adapters(model)
     if not adapters:
-        raise ValueError("save_adapter: the model holds no LoRAConv1D; nothing to save")
+        raise ValueError("save_adapter: the model holds no LoRA layer; nothing to save")
     ranks = {m.rank for _, m in adapters}
     alphas = {m.alpha for _, m in adapters}
     if len(ranks) != 1 or len(alphas) != 1:
@@ -56,6 +57,7 @@ def save_adapter(model, path, base_model, extra=None):
         "alpha": repr(adapters[0][1].alpha),
         "lora_dropout": repr(adapters[0][1].dropout),
         "target_modules": json.dumps(sorted({name.rsplit(".", 1)[-1] for name, _ in adapters})),
+        "modules": json.dumps([name for name, _ in adapters]),
         "base_model": str(base_model),
         "extra": json.dumps(extra or {}),
     }
@@ -92,6 +94,15 @@ def _parse_metadata(raw, path):
     targets = metadata["target_modules"]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise AdapterFileError(f"adapter file {str(path)!r}: target_modules {targets!r}; expected module names")
+    # Files written before the paths were stored name suffixes only; those select the same modules.
+    try:
+        modules = json.loads(raw["modules"]) if "modules" in raw else None
+    except ValueError as err:
+        raise AdapterFileError(f"adapter file {str(path)!r} has unreadable metadata ({err})") from None
+    if modules is not None and (not isinstance(modules, list) or not modules
+                                or not all(isinstance(m, str) and m for m in modules)):
+        raise AdapterFileError(f"adapter file {str(path)!r}: modules {modules!r}; expected module paths")
+    metadata["modules"] = modules
     return metadata
 
 
@@ -121,13 +132,17 @@ def read_adapter(path):
 
 
 def attach_adapter(model, path, dropout=None):
-    """Inject adapters shaped like the file's into a plain GPT-2 `model` and load them. Returns the metadata.
+    """Inject adapters shaped like the file's into the plain base `model` and load them. Returns the metadata.
 
     The adapters are set to the file's active rank; `dropout` overrides the stored LoRA dropout.
     """
     tensors, metadata = read_adapter(path)
-    inject_lora(model, tuple(metadata["target_modules"]), r_max=metadata["r_max"], alpha=metadata["alpha"],
-                dropout=metadata["lora_dropout"] if dropout is None else dropout)
+    targets = metadata["modules"] or metadata["target_modules"]
+    try:
+        inject_lora(model, list(targets), r_max=metadata["r_max"], alpha=metadata["alpha"],
+                    dropout=metadata["lora_dropout"] if dropout is None else dropout)
+    except (ValueError, TypeError) as err:
+        raise AdapterFileError(f"adapter file {str(path)!r} does not fit the model: {err}") from None
     adapters = named_adapters(model)
     expected = {f"{name}.{part}" for name, _ in adapters for part in ("lora_a", "lora_b")}
     if expected != set(tensors):

@@ -86,8 +86,8 @@ def _add_training(parser, variant_flag):
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="one run per seed (default: 42 for train, 42 43 44 for compare)")
     parser.add_argument("--model", default="embedded",
-                        help="base model: embedded (the tiny shipped GPT-2), gpt2, or a local GPT-2 folder "
-                             "(default: %(default)s)")
+                        help="base model: embedded (the tiny shipped GPT-2), a hub id such as gpt2, or a local "
+                             "checkpoint folder of any causal LM (Llama, Qwen2, ...) (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<variant> or runs/compare)")
     parser.add_argument("--resume", action="store_true",
                         help="keep runs that finished (their metrics.json exists); continue the others from their "
@@ -97,7 +97,10 @@ def _add_training(parser, variant_flag):
     hp.add_argument("--r-max", type=_positive_int, default=_default("r_max"), help="LoRA rank at the start (%(default)s)")
     hp.add_argument("--alpha", type=float, default=_default("alpha"), help="LoRA alpha; scale = alpha / rank (%(default)s)")
     hp.add_argument("--lora-dropout", type=float, default=_default("lora_dropout"), help="(%(default)s)")
-    hp.add_argument("--target-modules", nargs="+", default=list(_default("target_modules")), help="(%(default)s)")
+    hp.add_argument("--target-modules", nargs="+", default=list(_default("target_modules")),
+                    help="nn.Linear/Conv1D modules to adapt, as peft reads them: names or name suffixes "
+                         "(q_proj v_proj), or one regular expression over whole module names, or all-linear "
+                         "(%(default)s)")
     hp.add_argument("--batch-size", type=_positive_int, default=_default("batch_size"), help="(%(default)s)")
     hp.add_argument("--epochs", type=_positive_int, default=_default("epochs"), help="per domain (%(default)s)")
     hp.add_argument("--grad-accum", type=_positive_int, default=_default("grad_accum"),
@@ -171,7 +174,8 @@ def build_parser():
     export.add_argument("--rank", type=int, default=None, help="rank to export (default: the adapter's)")
     export.add_argument("--peft", default=None, metavar="DIR",
                         help="folder for adapter_config.json + adapter_model.safetensors (peft.PeftModel)")
-    export.add_argument("--merged", default=None, metavar="DIR", help="folder for a GPT-2 checkpoint with W + delta_W")
+    export.add_argument("--merged", default=None, metavar="DIR",
+                        help="folder for a checkpoint of the base model with W + delta_W")
     export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     export.add_argument("--device", default="cpu", help="device to merge on (default: %(default)s)")
     for sub in (train, compare, evaluate, export):
@@ -521,7 +525,7 @@ def _eval(parser, args):
 
 
 def _export(parser, args):
-    from .export import export_merged, export_peft
+    from .export import check_mergeable, export_merged, export_peft
 
     if not args.peft and not args.merged:
         parser.error("export: give --peft DIR, --merged DIR or both")
@@ -529,12 +533,17 @@ def _export(parser, args):
     rank = args.rank if args.rank is not None else metadata["rank"]
     _check_rank(parser, "--rank", rank, metadata["r_max"])
     model.to(_device(parser, args.device))
+    if args.merged:
+        try:
+            check_mergeable(model)  # before anything is written
+        except ValueError as err:
+            parser.error(f"--merged: {err}")
     if args.peft:
         export_peft(model, args.peft, rank, base_model_name_or_path=_check_model(parser, model_name))
         print(f"peft adapter at rank {rank}: {args.peft}")
     if args.merged:
         export_merged(model, tokenizer, args.merged, rank)
-        print(f"merged GPT-2 checkpoint at rank {rank}: {args.merged}")
+        print(f"merged checkpoint at rank {rank}: {args.merged}")
     return 0
 
 

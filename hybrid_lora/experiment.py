@@ -49,7 +49,7 @@ class DataSpec:
 class RunSpec:
     variant: str = "hybrid"
     seed: int = 42
-    model: str = "embedded"  # "embedded", "gpt2" or a local GPT-2 folder
+    model: str = "embedded"  # "embedded", a hub id such as "gpt2", or a local checkpoint folder of a causal LM
     data: DataSpec = field(default_factory=DataSpec)
     overrides: dict = field(default_factory=dict)  # TrainConfig fields set explicitly (the rest: the variant's)
 

@@ -1,13 +1,24 @@
-"""``LoRAConv1D``: a drop-in for ``transformers``' Conv1D with a fused LoRA adapter of runtime rank.
+"""LoRA layers of runtime rank over one fused op: drop-ins for ``nn.Linear`` and ``transformers``' Conv1D.
 
-The frozen ``weight`` [in, out] and ``bias`` [out] keep Conv1D's names, so a
-GPT-2 state dict loads unchanged. The adapter is ``lora_a`` [in, r_max] and
-``lora_b`` [r_max, out]; the active ``rank`` r <= r_max selects the leading
-components and the scale is alpha / r (as DyLoRA, Valipour et al., EACL 2023,
-scales a truncated rank b by alpha / b).
+Both kinds keep the frozen ``weight`` and ``bias`` of the module they replace
+under the same names (the same Parameter objects, not copies), so the base
+model's state dict loads unchanged and tied weights stay tied. They differ
+only in the weight's layout: Conv1D stores [in, out], ``nn.Linear`` stores
+[out, in], whose transpose is a strided [in, out] view that the kernels read
+as it is (no copy). The adapter is the same for both: ``lora_a`` [in, r_max]
+and ``lora_b`` [r_max, out]; the active ``rank`` r <= r_max selects the
+leading components and the scale is alpha / r (as DyLoRA, Valipour et al.,
+EACL 2023, scales a truncated rank b by alpha / b).
+
+``inject_lora`` selects modules as ``peft``'s ``LoraConfig.target_modules``
+does: a string is a regular expression that must match the whole module name
+(``re.fullmatch``), or ``"all-linear"`` for every Linear and Conv1D except the
+output embedding; a list names modules by their full name or by a suffix that
+starts after a '.'.
 """
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -15,51 +26,50 @@ from torch import nn
 from .function import fused_lora
 from .reference import merged_weight
 
+ALL_LINEAR = "all-linear"
 
-class LoRAConv1D(nn.Module):
-    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0):
-        """weight: [in, out] frozen; bias: [out] or None; r_max: adapter width; dropout: LoRA dropout on x."""
+
+class LoRALayer(nn.Module):
+    """The adapter, its rank and merging, over a frozen weight seen as W [in, out] by ``frozen_weight()``.
+
+    Subclasses say only how the stored ``weight`` maps to W [in, out]; every
+    other behaviour, and the one call of the op, lives here.
+    """
+
+    def __init__(self, weight, bias, in_features, out_features, r_max=64, alpha=32.0, dropout=0.0):
         super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"LoRAConv1D: weight has shape {tuple(weight.shape)}; expected [in, out]")
+        kind = type(self).__name__
         if int(r_max) < 1:
-            raise ValueError(f"LoRAConv1D: r_max={r_max}; expected an integer >= 1")
+            raise ValueError(f"{kind}: r_max={r_max}; expected an integer >= 1")
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"LoRAConv1D: dropout={dropout}; expected a probability in [0, 1)")
-        in_features, out_features = weight.shape
-        self.nx, self.nf = in_features, out_features  # Conv1D's attribute names
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+            raise ValueError(f"{kind}: dropout={dropout}; expected a probability in [0, 1)")
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"{kind}: bias has shape {tuple(bias.shape)}; expected ({out_features},)")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = _frozen(weight)
+        self.bias = _frozen(bias) if bias is not None else None
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_a = nn.Parameter(torch.empty(in_features, int(r_max), **factory))
-        self.lora_b = nn.Parameter(torch.zeros(int(r_max), out_features, **factory))
+        self.lora_a = nn.Parameter(torch.empty(self.in_features, int(r_max), **factory))
+        self.lora_b = nn.Parameter(torch.zeros(int(r_max), self.out_features, **factory))
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.rank = int(r_max)
         self.merged = False
+        self.weight_is_shared = False  # set by inject_lora when another module holds the same weight (tied)
         self.reset_lora_parameters()
 
-    @classmethod
-    def from_conv1d(cls, conv, r_max=64, alpha=32.0, dropout=0.0):
-        """Wrap a ``transformers.pytorch_utils.Conv1D``, copying its weight and bias."""
-        return cls(conv.weight, conv.bias, r_max=r_max, alpha=alpha, dropout=dropout)
+    def frozen_weight(self):
+        """W as [in, out]: the stored weight or a transposed view of it, never a copy."""
+        raise NotImplementedError
 
     def reset_lora_parameters(self):
         """A ~ Kaiming-uniform with fan_in = in_features (peft's init of lora_A), B = 0."""
         # peft initialises lora_A.weight [r, in] with kaiming_uniform_(a=sqrt(5)),
         # whose bound is 1 / sqrt(fan_in); our A is its transpose, so fan_in is dim 0.
-        bound = 1.0 / math.sqrt(self.nx)
+        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
             self.lora_a.uniform_(-bound, bound)
             self.lora_b.zero_()
-
-    @property
-    def in_features(self):
-        return self.nx
-
-    @property
-    def out_features(self):
-        return self.nf
 
     @property
     def r_max(self):
@@ -71,9 +81,10 @@ class LoRAConv1D(nn.Module):
 
     def _check_rank(self, r, what):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
-            raise ValueError(f"LoRAConv1D.{what}: rank {r!r} is outside [1, {self.r_max}] (r_max)")
+            raise ValueError(f"{type(self).__name__}.{what}: rank {r!r} is outside [1, {self.r_max}] (r_max)")
         if self.merged:
-            raise RuntimeError(f"LoRAConv1D.{what}: the adapter is merged into the weight; call unmerge() first")
+            raise RuntimeError(f"{type(self).__name__}.{what}: the adapter is merged into the weight; "
+                               "call unmerge() first")
 
     def set_rank(self, r):
         """Use the leading r components (scale alpha / r). Nothing is recompiled or reallocated."""
@@ -95,84 +106,205 @@ class LoRAConv1D(nn.Module):
         self.rank = r
 
     def delta_weight(self):
-        """s A[:, :r] B[:r, :] in fp32: the adapter as a dense [in, out] update."""
+        """s A[:, :r] B[:r, :] in fp32: the adapter as a dense [in, out] update (the layout of W, for both kinds)."""
         return merged_weight(
-            torch.zeros_like(self.weight, dtype=torch.float32),
+            torch.zeros(self.in_features, self.out_features, dtype=torch.float32, device=self.weight.device),
             self.lora_a.float(), self.lora_b.float(), self.rank, self.scale,
         )
+
+    def merged_weight(self):
+        """W + s A[:, :r] B[:r, :] as [in, out], in W's dtype."""
+        w = self.frozen_weight()
+        return (w.float() + self.delta_weight()).to(w.dtype)
 
     @torch.no_grad()
     def merge(self):
         """Fold the adapter at the active rank into the frozen weight (for inference)."""
+        name = type(self).__name__
         if self.merged:
-            raise RuntimeError("LoRAConv1D.merge: already merged")
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            raise RuntimeError(f"{name}.merge: already merged")
+        if self.weight_is_shared:
+            raise RuntimeError(f"{name}.merge: the weight is tied to another module's (an embedding?); "
+                               "merging would change both")
+        self.frozen_weight().copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         """Take the adapter back out of the weight."""
         if not self.merged:
-            raise RuntimeError("LoRAConv1D.unmerge: not merged")
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            raise RuntimeError(f"{type(self).__name__}.unmerge: not merged")
+        w = self.frozen_weight()
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
     def forward(self, x):  # (..., in) -> (..., out)
         if self.merged:
-            out = x.reshape(-1, self.nx) @ self.weight
+            out = x.reshape(-1, self.in_features) @ self.frozen_weight()
             if self.bias is not None:
                 out = out + self.bias
-            return out.reshape(x.shape[:-1] + (self.nf,))
+            return out.reshape(x.shape[:-1] + (self.out_features,))
         return fused_lora(
-            x, self.weight, self.bias, self.lora_a, self.lora_b,
+            x, self.frozen_weight(), self.bias, self.lora_a, self.lora_b,
             rank=self.rank, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
         )
 
     def extra_repr(self):
-        return (f"in={self.nx}, out={self.nf}, rank={self.rank}, r_max={self.r_max}, "
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, r_max={self.r_max}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}")
 
 
+def _frozen(tensor):
+    """`tensor` as a frozen Parameter: the Parameter itself when it is one (shared, not copied)."""
+    if isinstance(tensor, nn.Parameter):
+        return tensor.requires_grad_(False)
+    return nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+class LoRAConv1D(LoRALayer):
+    """Drop-in for ``transformers.pytorch_utils.Conv1D``: weight [in, out] (nx = in, nf = out)."""
+
+    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0):
+        """weight: [in, out] frozen; bias: [out] or None; r_max: adapter width; dropout: LoRA dropout on x."""
+        if weight.dim() != 2:
+            raise ValueError(f"LoRAConv1D: weight has shape {tuple(weight.shape)}; expected [in, out]")
+        super().__init__(weight, bias, weight.shape[0], weight.shape[1], r_max, alpha, dropout)
+
+    @classmethod
+    def from_module(cls, conv, r_max=64, alpha=32.0, dropout=0.0):
+        """Wrap a Conv1D, holding its weight and bias Parameters."""
+        return cls(conv.weight, conv.bias, r_max=r_max, alpha=alpha, dropout=dropout)
+
+    from_conv1d = from_module
+
+    @property
+    def nx(self):
+        return self.in_features
+
+    @property
+    def nf(self):
+        return self.out_features
+
+    def frozen_weight(self):
+        return self.weight
+
+
+class LoRALinear(LoRALayer):
+    """Drop-in for ``nn.Linear``: weight [out, in], read by the op through its transpose (a view)."""
+
+    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0):
+        """weight: [out, in] frozen; bias: [out] or None; r_max: adapter width; dropout: LoRA dropout on x."""
+        if weight.dim() != 2:
+            raise ValueError(f"LoRALinear: weight has shape {tuple(weight.shape)}; expected [out, in]")
+        super().__init__(weight, bias, weight.shape[1], weight.shape[0], r_max, alpha, dropout)
+
+    @classmethod
+    def from_module(cls, linear, r_max=64, alpha=32.0, dropout=0.0):
+        """Wrap an ``nn.Linear``, holding its weight and bias Parameters."""
+        return cls(linear.weight, linear.bias, r_max=r_max, alpha=alpha, dropout=dropout)
+
+    def frozen_weight(self):
+        return self.weight.t()
+
+
 def lora_layers(model):
-    """The LoRAConv1D modules of `model`, in module order."""
-    return [m for m in model.modules() if isinstance(m, LoRAConv1D)]
+    """The LoRA layers (both kinds) of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+
+def _layer_class(module):
+    """The LoRA class that replaces `module`, or None when it is of no supported kind."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return LoRAConv1D
+    if isinstance(module, nn.Linear):
+        return LoRALinear
+    return None
+
+
+def _describe(target_modules):
+    return repr(target_modules) if isinstance(target_modules, str) else str(tuple(target_modules))
+
+
+def matches_target(target_modules, name):
+    """Whether module `name` is selected by `target_modules`, with peft's rule (see the module docstring)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith(f".{suffix}") for suffix in target_modules)
+
+
+def _output_embedding_names(model):
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def target_names(model, target_modules):
+    """Names of the modules of `model` that `target_modules` selects, in module order."""
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        excluded = _output_embedding_names(model)
+        return [name for name, module in model.named_modules()
+                if (_layer_class(module) is not None or isinstance(module, LoRALayer)) and name not in excluded]
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"inject_lora: target_modules {target_modules!r} is not a regular expression "
+                             f"({err})") from None
+    elif not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"inject_lora: target_modules {target_modules!r}; expected a regular expression or a "
+                         "non-empty list of module names")
+    return [name for name, _ in model.named_modules() if name and matches_target(target_modules, name)]
+
+
+def _shared_weights(model):
+    """ids of Parameters that more than one module of `model` holds (tied weights)."""
+    count = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        count[id(param)] = count.get(id(param), 0) + 1
+    return {key for key, n in count.items() if n > 1}
 
 
 def inject_lora(model, target_modules=("c_attn",), r_max=64, alpha=32.0, dropout=0.0):
-    """Replace the Conv1D modules named in `target_modules` by LoRAConv1D and freeze everything else.
+    """Replace the ``nn.Linear`` and Conv1D modules selected by `target_modules` by LoRA layers; freeze the rest.
 
-    Only the named module instances are replaced; no class is patched.
+    target_modules: a regular expression matched against whole module names,
+    ``"all-linear"``, or a list of module names or name suffixes (peft's rule).
+    Only the selected module instances are replaced; no class is patched.
     Returns the new layers in module order.
     """
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(target_modules, str):
-        target_modules = (target_modules,)
+    names = target_names(model, target_modules)
+    if not names:
+        raise ValueError(f"inject_lora: no module of {type(model).__name__} matches target_modules "
+                         f"{_describe(target_modules)}")
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"inject_lora: {name} already holds a LoRA adapter")
+        if _layer_class(module) is None:
+            raise TypeError(f"inject_lora: {name} is a {type(module).__name__}; expected nn.Linear or "
+                            "transformers' Conv1D")
+    shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [(name, module) for name, module in model.named_modules()
-               if name.rsplit(".", 1)[-1] in target_modules]
-    if not targets:
-        raise ValueError(f"inject_lora: no module named any of {tuple(target_modules)} in {type(model).__name__}")
     layers = []
-    for name, module in targets:
-        if isinstance(module, LoRAConv1D):
-            raise ValueError(f"inject_lora: {name} already holds a LoRA adapter")
-        if not isinstance(module, Conv1D):
-            raise TypeError(f"inject_lora: {name} is a {type(module).__name__}; expected transformers' Conv1D")
+    for name in names:
+        module = modules[name]
+        layer = _layer_class(module).from_module(module, r_max=r_max, alpha=alpha, dropout=dropout)
+        layer.weight_is_shared = id(module.weight) in shared
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRAConv1D.from_conv1d(module, r_max=r_max, alpha=alpha, dropout=dropout)
-        setattr(parent, child, layer)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         layers.append(layer)
     return layers
 
 
 def set_rank(model, r):
-    """Set the active rank of every LoRAConv1D in `model`. Returns how many layers changed."""
+    """Set the active rank of every LoRA layer in `model`. Returns how many layers changed."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("set_rank: the model holds no LoRAConv1D (call inject_lora first)")
+        raise ValueError("set_rank: the model holds no LoRA layer (call inject_lora first)")
     for layer in layers:
         layer.set_rank(r)
     return len(layers)

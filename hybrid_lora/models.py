@@ -1,9 +1,11 @@
-"""The base GPT-2 and its tokenizer, by name: ``gpt2`` (or another hub id), a local checkpoint folder, or the embedded tiny base.
+"""The base causal LM and its tokenizer, by name: a hub id (``gpt2``), a local checkpoint folder, or the embedded base.
 
-Every name goes through the same ``GPT2LMHeadModel.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` calls; the embedded base is just a folder
-shipped in the package (``hybrid_lora/assets/tiny-gpt2``, trained by
-``scripts/train_tiny_base.py``). The tokenizer pads with EOS, as the original did.
+Every name goes through the same ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` calls, so any causal LM that ``transformers``
+loads (GPT-2, Llama, Qwen2, ...) can be the base; the embedded base is just a
+folder shipped in the package (``hybrid_lora/assets/tiny-gpt2``, trained by
+``scripts/train_tiny_base.py``). A tokenizer without a pad token pads with
+EOS, as the original did for GPT-2.
 """
 
 from pathlib import Path
@@ -36,7 +38,8 @@ def resolve_model(name_or_path):
     with '.', '/' or '~', or that names a missing folder next to a config.json).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise BadValue(f"model {name_or_path!r}: expected 'embedded', 'gpt2' or a checkpoint folder")
+        raise BadValue(f"model {name_or_path!r}: expected 'embedded', a hub id such as 'gpt2', or a checkpoint "
+                       "folder")
     if name_or_path == EMBEDDED_MODEL:
         if not (EMBEDDED_MODEL_DIR / "config.json").is_file():
             raise MissingFile(f"the embedded model is missing from {EMBEDDED_MODEL_DIR} (reinstall the package)")
@@ -44,7 +47,7 @@ def resolve_model(name_or_path):
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise MissingFile(f"model folder {name_or_path!r} has no config.json; expected a GPT-2 checkpoint folder")
+            raise MissingFile(f"model folder {name_or_path!r} has no config.json; expected a checkpoint folder")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or path.exists():
         raise MissingFile(f"model folder {name_or_path!r} does not exist")
@@ -58,7 +61,7 @@ def from_pretrained(cls, name_or_path, **kwargs):
         return cls.from_pretrained(location, **kwargs)
     except OSError as err:  # transformers' "couldn't connect" and missing-file errors are OSErrors
         reason = " ".join(str(err).split())[:200]
-        raise Unavailable(f"model {name_or_path!r} could not be loaded ({reason}); expected a GPT-2 checkpoint "
+        raise Unavailable(f"model {name_or_path!r} could not be loaded ({reason}); expected a checkpoint "
                           "folder, or a hub id downloaded once with network access (then read from the cache "
                           "with HF_HUB_OFFLINE=1)") from None
 
@@ -68,18 +71,32 @@ def load_tokenizer(name_or_path=EMBEDDED_MODEL):
 
     tokenizer = from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.eos_token is None:
-        raise BadValue(f"tokenizer of {name_or_path!r} has no EOS token; GPT-2 tokenizers pad with EOS")
-    tokenizer.pad_token = tokenizer.eos_token
+        raise BadValue(f"tokenizer of {name_or_path!r} has no EOS token; expected one (the data pads with EOS)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model_and_tokenizer(name_or_path=EMBEDDED_MODEL, device=None, dtype=torch.float32):
-    """(GPT2LMHeadModel in `dtype` on `device`, tokenizer padding with EOS), both from `name_or_path`."""
-    from transformers import GPT2LMHeadModel
-
-    model = from_pretrained(GPT2LMHeadModel, name_or_path, dtype=dtype)
-    if model.config.model_type != "gpt2":
-        raise BadValue(f"model {name_or_path!r} is a {model.config.model_type!r}; expected a GPT-2 checkpoint")
-    model.config.pad_token_id = model.config.eos_token_id
+    """(causal LM in `dtype` on `device`, its tokenizer), both from `name_or_path`; see ``load_causal_lm``."""
+    model = load_causal_lm(name_or_path, dtype=dtype)
     tokenizer = load_tokenizer(name_or_path)
     return model.to(pick_device(device)), tokenizer
+
+
+def load_causal_lm(name_or_path=EMBEDDED_MODEL, dtype=torch.float32):
+    """``AutoModelForCausalLM`` from `name_or_path` (see ``resolve_model``), on the CPU.
+
+    A model whose config names no pad token gets EOS as its pad token, as its tokenizer does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
+    except ValueError as err:  # a config of no causal-LM architecture
+        if isinstance(err, BadValue):
+            raise
+        raise BadValue(f"model {name_or_path!r}: not a causal LM that transformers can load ({err})") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, c
                            freeze_leading_grads, scheduled_rank, truncate_adapters)
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, evaluate, final_minus_own, model_logits, move_batch, retention
-from .models import from_pretrained, pick_device
+from .models import load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .regularizers import DC_MODES, order_penalty, snapshot_adapters
 
@@ -59,8 +60,9 @@ AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 @dataclass
 class TrainConfig:
     # model and adapter
-    model_name: str = "gpt2"  # a Hugging Face name or a local folder of a GPT-2 checkpoint
-    target_modules: tuple = ("c_attn",)  # Conv1D modules that get an adapter
+    model_name: str = "gpt2"  # a Hugging Face name or a local checkpoint folder of any causal LM
+    target_modules: tuple = ("c_attn",)  # nn.Linear / Conv1D modules that get an adapter: name suffixes, or a
+    #                                      regular expression over whole names (peft's target_modules rule)
     r_max: int = 64  # adapter width at the start of training
     alpha: float = 32.0  # LoRA scale is alpha / r at the active rank r
     lora_dropout: float = 0.05  # dropout on the adapter's input, training only
@@ -186,19 +188,17 @@ def autocast_context(device, dtype):
 
 
 def load_model(config):
-    """GPT-2 from `config.model_name` with adapters injected (seeded by config.seed), on config's device.
+    """The causal LM `config.model_name` with adapters injected (seeded by config.seed), on config's device.
 
     On CUDA with bfloat16 autocast, the frozen weight and bias of every adapted
     layer are stored in bf16, so the fused kernels read them as they are instead
     of casting W at every step; the adapters stay fp32. The rest of the model
     keeps fp32 (LayerNorms, embeddings and the residual stream need the range).
     """
-    from transformers import GPT2LMHeadModel
-
     device = pick_device(config.device or None)
-    model = from_pretrained(GPT2LMHeadModel, config.model_name)
+    model = load_causal_lm(config.model_name)
     torch.manual_seed(config.seed)
-    layers = inject_lora(model, config.target_modules, r_max=config.r_max, alpha=config.alpha,
+    layers = inject_lora(model, _target_modules(config.target_modules), r_max=config.r_max, alpha=config.alpha,
                          dropout=config.lora_dropout)
     if device.type == "cuda" and resolved_dtype(config, device) == "bfloat16":
         for layer in layers:
@@ -206,6 +206,11 @@ def load_model(config):
             if layer.bias is not None:
                 layer.bias.data = layer.bias.data.to(torch.bfloat16)
     return model.to(device)
+
+
+def _target_modules(targets):
+    """One string is a regular expression over whole module names (as peft reads it); several are names."""
+    return targets[0] if len(targets) == 1 and not re.fullmatch(r"[\w.]+", targets[0]) else list(targets)
 
 
 def epoch_order(size, seed, stage, epoch):

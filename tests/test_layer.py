@@ -1,4 +1,4 @@
-"""LoRAConv1D as a drop-in for GPT-2's c_attn: against the untouched model and against peft."""
+"""The LoRA layers as drop-ins for Conv1D and nn.Linear: rank, truncation, merging, injection, against peft."""
 
 import copy
 
@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from hybrid_lora import LoRAConv1D, inject_lora, lora_layers, set_rank
+from hybrid_lora import LoRAConv1D, LoRALinear, inject_lora, lora_layers, set_rank
 
 R_MAX, ALPHA = 8, 16.0
 
@@ -96,55 +96,91 @@ def test_logits_and_gradients_match_peft(rank):
         assert (ours_layer.lora_a.grad[:, rank:] == 0).all() and (ours_layer.lora_b.grad[rank:] == 0).all()
 
 
-def make_layer(seed=0, in_features=12, out_features=20, r_max=R_MAX):
+KINDS = ["conv1d", "linear", "linear-no-bias"]
+IN, OUT = 12, 20
+
+
+def make_layer(kind="conv1d", seed=0, r_max=R_MAX):
+    """(the plain module, its LoRA layer with random adapters)."""
     torch.manual_seed(seed)
-    conv = Conv1D(out_features, in_features)
-    layer = LoRAConv1D.from_conv1d(conv, r_max=r_max, alpha=ALPHA)
+    if kind == "conv1d":
+        module = Conv1D(OUT, IN)
+        with torch.no_grad():
+            module.bias.normal_()
+    else:
+        module = torch.nn.Linear(IN, OUT, bias=kind == "linear")
+    cls = LoRAConv1D if kind == "conv1d" else LoRALinear
+    layer = cls.from_module(module, r_max=r_max, alpha=ALPHA)
     randomize_adapters([layer], seed)
-    return conv, layer
+    return module, layer
 
 
-def test_set_rank_changes_scale_and_output():
-    _, layer = make_layer()
-    x = torch.randn(5, 12)
+def expected_output(module, layer, x, rank):
+    """The plain module's output plus the adapter, written out: x W + b + (alpha / r) x A_r B_r."""
+    return module(x) + (ALPHA / rank) * x @ layer.lora_a[:, :rank] @ layer.lora_b[:rank]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_kinds_hold_the_same_adapter_and_the_module_weight(kind):
+    module, layer = make_layer(kind)
+    assert layer.lora_a.shape == (IN, R_MAX) and layer.lora_b.shape == (R_MAX, OUT)
+    assert (layer.in_features, layer.out_features) == (IN, OUT)
+    # The frozen weight is the module's Parameter, and the op reads W [in, out] without a copy.
+    assert layer.weight is module.weight and not layer.weight.requires_grad
+    w = layer.frozen_weight()
+    assert w.shape == (IN, OUT) and w.data_ptr() == module.weight.data_ptr()
+    # The state dict keys are the module's, plus the adapter.
+    assert set(layer.state_dict()) == set(module.state_dict()) | {"lora_a", "lora_b"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_rank_changes_scale_and_output(kind):
+    module, layer = make_layer(kind)
+    x = torch.randn(5, IN)
     layer.set_rank(4)
     assert layer.rank == 4 and layer.scale == ALPHA / 4
-    expected = x @ layer.weight + layer.bias + (ALPHA / 4) * x @ layer.lora_a[:, :4] @ layer.lora_b[:4]
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), expected_output(module, layer, x, 4), rtol=1e-5, atol=1e-5)
 
 
-def test_truncate_keeps_the_leading_components_and_parameters():
-    _, layer = make_layer()
-    x = torch.randn(5, 12)
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncate_keeps_the_leading_components_and_parameters(kind):
+    _, layer = make_layer(kind)
+    x = torch.randn(5, IN)
     layer.set_rank(3)
     before = layer(x).detach()
     lora_a, lora_b = layer.lora_a, layer.lora_b
     layer.truncate_(3)
     assert layer.lora_a is lora_a and layer.lora_b is lora_b  # an optimizer's references stay valid
-    assert layer.r_max == 3 and layer.lora_a.shape == (12, 3) and layer.lora_b.shape == (3, 20)
+    assert layer.r_max == 3 and layer.lora_a.shape == (IN, 3) and layer.lora_b.shape == (3, OUT)
     torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="rank 4 is outside"):
         layer.set_rank(4)
 
 
-def test_merge_and_unmerge_round_trip():
-    conv, layer = make_layer()
-    x = torch.randn(5, 12)
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unmerge_round_trip(kind):
+    module, layer = make_layer(kind)
+    original = module.weight.detach().clone()
+    x = torch.randn(5, IN)
     layer.set_rank(5)
     unmerged = layer(x).detach()
     layer.merge()
+    # The merged weight is W + delta in the module's own layout ([out, in] for nn.Linear).
+    delta = layer.delta_weight() if kind == "conv1d" else layer.delta_weight().t()
+    torch.testing.assert_close(module.weight, original + delta, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="merged"):
         layer.set_rank(2)
     layer.unmerge()
-    torch.testing.assert_close(layer.weight, conv.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.weight, original, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_is_off_in_eval_mode():
-    _, layer = make_layer()
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_is_off_in_eval_mode(kind):
+    _, layer = make_layer(kind)
     layer.dropout = 0.5
-    x = torch.randn(5, 12)
+    x = torch.randn(5, IN)
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
     layer.train()
@@ -152,31 +188,90 @@ def test_dropout_is_off_in_eval_mode():
 
 
 @pytest.mark.parametrize("bad", [0, R_MAX + 1, 2.0, True])
-def test_bad_ranks_are_refused(bad):
-    _, layer = make_layer()
+@pytest.mark.parametrize("kind", ["conv1d", "linear"])
+def test_bad_ranks_are_refused(bad, kind):
+    _, layer = make_layer(kind)
     with pytest.raises(ValueError, match="outside"):
         layer.set_rank(bad)
 
 
 def test_inject_errors():
     model = tiny_gpt2()
-    with pytest.raises(ValueError, match="no module named"):
+    with pytest.raises(ValueError, match=r"no module of GPT2LMHeadModel matches target_modules \('q_proj',\)"):
         inject_lora(model, target_modules=("q_proj",))
     with pytest.raises(TypeError, match="ln_f is a LayerNorm"):
         inject_lora(model, target_modules=("ln_f",))
-    inject_lora(tiny_gpt2(), r_max=4)
+    with pytest.raises(TypeError, match="transformer.h.0.attn is a GPT2Attention"):
+        inject_lora(model, target_modules=r".*\.attn")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        inject_lora(model, target_modules="(c_attn")
+    with pytest.raises(ValueError, match="non-empty list"):
+        inject_lora(model, target_modules=[])
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # nothing changed
     injected = tiny_gpt2()
     inject_lora(injected, r_max=4)
     with pytest.raises(ValueError, match="already holds"):
         inject_lora(injected, r_max=4)
-    with pytest.raises(ValueError, match="no LoRAConv1D"):
+    with pytest.raises(ValueError, match="no LoRA layer"):
         set_rank(tiny_gpt2(), 2)
     assert len(lora_layers(injected)) == 2
 
 
 def test_peft_style_initialisation():
-    _, layer = make_layer()
+    _, layer = make_layer("linear")
     layer.reset_lora_parameters()
     assert (layer.lora_b == 0).all()
-    bound = 1 / 12 ** 0.5
+    bound = 1 / IN ** 0.5
     assert layer.lora_a.abs().max() <= bound and layer.lora_a.std() > bound / 4
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+TARGET_CASES = [
+    ("gpt2", ["c_attn", "c_proj", "c_fc"]),
+    ("gpt2", ["attn"]),  # a suffix starts after a '.': c_attn is not selected, h.N.attn is
+    ("gpt2", ["transformer.h.0.mlp.c_fc"]),  # a full name
+    ("gpt2", r"transformer\.h\.1\..*c_(attn|proj)"),  # a regular expression over whole names
+    ("gpt2", "c_attn"),  # a string is a full match: no module is named just c_attn
+    ("gpt2", ["lm_head"]),
+    ("gpt2", "all-linear"),
+    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("llama", r".*\.(q|v)_proj"),
+    ("llama", ["proj"]),
+    ("llama", "all-linear"),
+]
+
+
+@pytest.mark.parametrize("arch, targets", TARGET_CASES)
+def test_module_selection_is_peft_s(arch, targets):
+    """inject_lora adapts exactly the modules peft adapts for the same target_modules, or refuses when peft does."""
+    peft = pytest.importorskip("peft")
+    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    try:
+        peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=targets))
+    except ValueError:  # no module matched, or a matched module is no layer peft can adapt
+        with pytest.raises((ValueError, TypeError)):
+            inject_lora(model, targets, r_max=2)
+        return
+    theirs = [name for name, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")]
+    layers = inject_lora(model, targets, r_max=2)
+    assert [name for name, m in model.named_modules() if any(m is layer for layer in layers)] == theirs
+    if targets == "all-linear":
+        assert "lm_head" not in theirs and len(theirs) == (8 if arch == "gpt2" else 14)
+
+
+def test_lm_head_is_adapted_only_when_named_and_stays_tied():
+    model = tiny_gpt2()
+    layers = inject_lora(model, target_modules=["c_attn", "lm_head"], r_max=R_MAX)
+    assert isinstance(model.lm_head, LoRALinear) and model.lm_head.weight is model.transformer.wte.weight
+    assert sum(isinstance(layer, LoRAConv1D) for layer in layers) == 2
+    with pytest.raises(RuntimeError, match="tied to another module"):
+        model.lm_head.merge()
+    model.transformer.h[0].attn.c_attn.merge()  # an untied weight merges
