@@ -120,7 +120,7 @@ def check_mergeable(model):
 
 
 def merged_model(model, rank):
-    """A copy of `model` whose LoRA layers are replaced by plain modules of their kind holding W + s A[:, :r] B[:r, :].
+    """A copy of `model` whose LoRA layers become plain modules of their kind holding W + s A[:, :r] B[:r, :].
 
     LoRAConv1D becomes a Conv1D, LoRALinear an ``nn.Linear`` (with a bias only
     if it had one).
@@ -153,7 +153,7 @@ def merged_model(model, rank):
 
 
 def export_merged(model, tokenizer, out_dir, rank):
-    """Save a plain checkpoint (safetensors, config, tokenizer) of the base model with the adapter at `rank` merged in."""
+    """Save a plain checkpoint (safetensors, config, tokenizer) of the base model, the adapter at `rank` merged in."""
     merged = merged_model(model, rank)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
