@@ -352,7 +352,8 @@ def _run_all(specs, out_dir, by_variant, args, tokenizer, domains):
                       resume=args.resume)
         s = metrics["summary"]
         if "forgetting" in s:
-            say(f"== {spec.variant}, seed {spec.seed}: retention {s['retention']:.4f}, "
+            retention = "undefined" if s["retention"] is None else f"{s['retention']:.4f}"  # own accuracy 0
+            say(f"== {spec.variant}, seed {spec.seed}: retention {retention}, "
                 f"forgetting {s['forgetting']:.4f}, {s['wall_seconds']:.0f}s")
         results.setdefault(spec.variant, []).append(metrics)
     return results
