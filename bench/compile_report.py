@@ -20,6 +20,11 @@ has no HGMMA.
 
     python -m bench.compile_report                       # every config: a few minutes
     python -m bench.compile_report --configs first-fit   # per kernel, the first config that can launch
+    python -m bench.compile_report --K 4096 --N 11008 --name compile-sm90-k4096   # Llama-7B's MLP shape
+
+The weight is compiled in both layouts: Conv1D's [K, N] and nn.Linear's [N, K]
+read through its transpose (``--weight-layouts``), which Triton specializes
+separately (a unit stride is a compile-time constant).
 """
 
 import argparse
@@ -122,6 +127,7 @@ class Job:
     used_by: list = field(default_factory=list)
     adapter_dtype: str = ""  # dtype of A and B; empty: the compute dtype
     pruned: int = 0  # configs the autotuner's own pruning drops for this launch
+    weight_layout: str = "in_out"  # W as Conv1D stores it, or nn.Linear's transposed (bench.launches)
 
 
 def _config_text(config) -> str:
@@ -158,7 +164,7 @@ def chosen_configs(path) -> dict:
 
 
 def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_dtypes=(None,), target=None,
-         device="cpu") -> list:
+         device="cpu", weight_layouts=("in_out",)) -> list:
     """The distinct compiles: one Job per (kernel, JIT specialization), over ranks, dtypes and dropouts.
 
     adapter_dtypes: dtypes of A and B (None: the compute dtype; fp32 is what autocast training passes).
@@ -173,10 +179,11 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
     target = target or sm90()
     roles = kernel_roles()
     jobs, by_key = [], {}
-    for dtype, adapter_dtype in ((d, a) for d in dtypes for a in adapter_dtypes):
+    for dtype, adapter_dtype, layout in ((d, a, w) for d in dtypes for a in adapter_dtypes for w in weight_layouts):
         for dropout in dropouts:
             for rank in ranks:
-                launches = capture(M, K, N, rank, dtype, dropout, adapter_dtype=adapter_dtype, device=device)
+                launches = capture(M, K, N, rank, dtype, dropout, adapter_dtype=adapter_dtype, device=device,
+                                   weight_layout=layout)
                 for index, launch in enumerate(launches):
                     configs = configs_of(launch.kernel)
                     # Configs the autotuner prunes for this launch are never timed, so never chosen.
@@ -194,7 +201,7 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
                         continue
                     job = Job(launch.name, roles.get(launch.name, "util"), dtype_name(dtype), rank_block(rank),
                               dropout, rank, index, picked, mode == "first-fit", [launch.context],
-                              dtype_name(adapter_dtype or dtype), len(configs) - len(candidates))
+                              dtype_name(adapter_dtype or dtype), len(configs) - len(candidates), layout)
                     by_key[key] = job
                     jobs.append(job)
     return jobs
@@ -241,7 +248,7 @@ def run_job(job: Job, M, K, N, target=None, device="cpu") -> list:
 
     adapter_dtype = parse_dtype(job.adapter_dtype) if job.adapter_dtype else None
     launch = capture(M, K, N, job.rank, parse_dtype(job.dtype), job.dropout, adapter_dtype=adapter_dtype,
-                     device=device)[job.launch_index]
+                     device=device, weight_layout=job.weight_layout)[job.launch_index]
     if launch.name != job.kernel:
         raise RuntimeError(f"launch {job.launch_index} is {launch.name}, expected {job.kernel}")
     configs = configs_of(launch.kernel)
@@ -376,6 +383,8 @@ def main(argv=None):
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.05])
     parser.add_argument("--adapter-dtypes", nargs="+", default=["same", "fp32"],
                         help="dtypes of A and B: 'same' as x (layer benchmarks) and fp32 (autocast training)")
+    parser.add_argument("--weight-layouts", nargs="+", default=["in_out", "out_in"],
+                        help="W as Conv1D stores it (in_out) and as nn.Linear does (out_in, read transposed)")
     parser.add_argument("--M", type=int, default=GPT2["M"])
     parser.add_argument("--K", type=int, default=GPT2["K"])
     parser.add_argument("--N", type=int, default=GPT2["N"])
@@ -400,7 +409,7 @@ def main(argv=None):
               **shape}
     adapter_dtypes = [None if d == "same" else parse_dtype(d) for d in args.adapter_dtypes]
     jobs = plan(args.ranks, [parse_dtype(d) for d in args.dtypes], args.dropouts, mode=args.configs,
-                chosen=chosen, adapter_dtypes=adapter_dtypes, **shape)
+                chosen=chosen, adapter_dtypes=adapter_dtypes, weight_layouts=args.weight_layouts, **shape)
     print(f"{len(jobs)} kernel specializations, {sum(len(j.config_indices) for j in jobs)} configs at most")
     rows = compile_all(jobs, workers=args.jobs, **shape, log=lambda line: print(line, flush=True))
     full = []

@@ -142,18 +142,28 @@ def _recording(launches, context):
             setattr(modules[module], name, kernel)
 
 
-def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapter_dtype=None, device="cpu"):
+WEIGHT_LAYOUTS = ("in_out", "out_in")  # Conv1D's W [K, N]; nn.Linear's [N, K], passed as its transposed view
+
+
+def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapter_dtype=None, device="cpu",
+            weight_layout="in_out"):
     """Every kernel launch of one forward and one backward of the fused layer (and of the mask utility).
 
     x [M, K] and W [K, N] in `dtype`; A [K, r_max] and B [r_max, N] in
     `adapter_dtype` (default `dtype`). Tensors are allocated, never filled.
+    weight_layout "out_in" stores W as nn.Linear does, [N, K], and passes its
+    transpose: W's strides become (1, K), which Triton compiles separately.
     """
     require_compiled_kernels()
     from hybrid_lora.kernels import dropout_keep_mask, lora_backward, lora_forward
 
     adapter_dtype = adapter_dtype or dtype
     x = torch.empty(M, K, dtype=dtype, device=device)
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout {weight_layout!r}: expected one of {WEIGHT_LAYOUTS}")
     weight = torch.empty(K, N, dtype=dtype, device=device)
+    if weight_layout == "out_in":
+        weight = torch.empty(N, K, dtype=dtype, device=device).t()
     bias = torch.empty(N, dtype=dtype, device=device)
     lora_a = torch.empty(K, r_max, dtype=adapter_dtype, device=device)
     lora_b = torch.empty(r_max, N, dtype=adapter_dtype, device=device)
@@ -162,9 +172,10 @@ def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapte
     seed, scale = 1234, 32.0 / rank
     launches, context = [], [""]
     with _recording(launches, context):
-        context[0] = f"forward dropout={dropout_p}"
+        layout = "" if weight_layout == "in_out" else " W=[N,K]^T"
+        context[0] = f"forward dropout={dropout_p}{layout}"
         lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
-        context[0] = f"backward dropout={dropout_p}"
+        context[0] = f"backward dropout={dropout_p}{layout}"
         lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed)
         context[0] = "dropout_keep_mask"
         dropout_keep_mask(M, K, seed, max(dropout_p, 0.05), device)

@@ -1,12 +1,16 @@
 """Layer microbenchmarks: every provider, mode, shape and dtype, timed in one process.
 
-For GPT-2's c_attn (K = 768, N = 2304) at M tokens. Each row holds the
-provider, mode, shape, dtype, median/p20/p80 ms, TFLOP/s, GB/s (the provider's
+For GPT-2's c_attn (K = 768, N = 2304, Conv1D's weight layout) at M tokens,
+or any K and N: Llama-7B's attention and MLP projections are K = 4096 with
+N = 4096 and 11008, in nn.Linear's weight layout (``--weight-layout out_in``,
+peft with ``fan_in_fan_out=False``). Each row holds the
+provider, mode, shape, weight layout, dtype, median/p20/p80 ms, TFLOP/s, GB/s (the provider's
 traffic model, ``bench.providers.traffic``), the ratio to ``base`` (the frozen
 addmm alone, measured in the same run), the timer, device, commit and date.
 
     python -m bench.layer_bench                       # the full grid on the default device
     python -m bench.layer_bench --M 8192 --dtypes bf16 --out bench/results/layer.csv
+    python -m bench.layer_bench --M 8192 --r 16 64 --dtypes bf16 --K 4096 --N 11008 --weight-layout out_in
 """
 
 import argparse
@@ -16,20 +20,22 @@ import traceback
 
 import torch
 
-from .providers import MODES, PROVIDERS, LayerShape, LayerWeights, build_layer, bytes_moved, flops
+from .providers import MODES, PROVIDERS, WEIGHT_LAYOUTS, LayerShape, LayerWeights, build_layer, bytes_moved, flops
 from .record import RESULTS_DIR, dtype_name, parse_dtype, pick_device, slug, stamp, utc_now, write_csv
 from .timing import time_fn
 
-COLUMNS = ["provider", "mode", "M", "K", "N", "r", "dtype", "dropout", "median_ms", "p20_ms", "p80_ms",
+COLUMNS = ["provider", "mode", "M", "K", "N", "r", "dtype", "dropout", "weight_layout", "median_ms", "p20_ms", "p80_ms",
            "tflops", "gbps", "ratio_to_base", "status", "timer", "device", "commit", "date"]
 
 GPT2_K, GPT2_N = 768, 2304  # c_attn of GPT-2 small: in 768, out 3 x 768
+LLAMA_7B_SHAPES = ((4096, 4096), (4096, 11008))  # (K, N) of Llama-7B's q/k/v/o and gate/up projections
 
 
 def _row(provider, mode, shape, timing, base_ms, run_stamp, status="ok"):
     r = 0 if provider == "base" else shape.r  # r = 0 marks the layer without an adapter
     row = {"provider": provider, "mode": mode, "M": shape.M, "K": shape.K, "N": shape.N, "r": r,
-           "dtype": dtype_name(shape.dtype), "dropout": shape.dropout_p, "status": status, **run_stamp}
+           "dtype": dtype_name(shape.dtype), "dropout": shape.dropout_p, "weight_layout": shape.weight_layout,
+           "status": status, **run_stamp}
     if timing is None:
         row.update(median_ms=math.nan, p20_ms=math.nan, p80_ms=math.nan, tflops=math.nan, gbps=math.nan,
                    ratio_to_base=math.nan, timer="")
@@ -57,7 +63,7 @@ def time_layer(provider, shape, device, modes, *, weights, rounds=None, compile_
 
 
 def run(device, Ms, ranks, dtypes, *, providers=PROVIDERS, modes=MODES, K=GPT2_K, N=GPT2_N, dropout_p=0.0,
-        rounds=None, compile_backend="inductor", log=print):
+        rounds=None, compile_backend="inductor", weight_layout="in_out", log=print):
     """Time every (dtype, M, r, provider, mode); returns the rows. ``base`` is timed once per (dtype, M)."""
     for name in providers:
         if name not in PROVIDERS:
@@ -70,13 +76,13 @@ def run(device, Ms, ranks, dtypes, *, providers=PROVIDERS, modes=MODES, K=GPT2_K
     rows = []
     for dtype in dtypes:
         for M in Ms:
-            base_shape = LayerShape(M, K, N, min(ranks), dtype, r_max, dropout_p)
-            weights = LayerWeights.random(LayerShape(M, K, N, r_max, dtype, r_max, dropout_p), device)
+            base_shape = LayerShape(M, K, N, min(ranks), dtype, r_max, dropout_p, weight_layout)
+            weights = LayerWeights.random(LayerShape(M, K, N, r_max, dtype, r_max, dropout_p, weight_layout), device)
             base = time_layer("base", base_shape, device, modes, weights=weights, rounds=rounds)
             for mode in modes:
                 rows.append(_row("base", mode, base_shape, base[mode], base[mode].median_ms, run_stamp))
             for r in ranks:
-                shape = LayerShape(M, K, N, r, dtype, r_max, dropout_p)
+                shape = LayerShape(M, K, N, r, dtype, r_max, dropout_p, weight_layout)
                 weights.scale = 32.0 / r
                 for provider in providers:
                     if provider == "base":
@@ -91,7 +97,7 @@ def run(device, Ms, ranks, dtypes, *, providers=PROVIDERS, modes=MODES, K=GPT2_K
                         continue
                     for mode in modes:
                         rows.append(_row(provider, mode, shape, timings[mode], base[mode].median_ms, run_stamp))
-                    log(f"{dtype_name(dtype)} M={M} r={r} {provider:9s} " + "  ".join(
+                    log(f"{dtype_name(dtype)} M={M} K={K} N={N} r={r} {provider:9s} " + "  ".join(
                         f"{m} {timings[m].median_ms:.4f} ms ({timings[m].median_ms / base[m].median_ms:.2f}x)"
                         for m in modes))
             if device.type == "cuda":
@@ -107,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"])
     parser.add_argument("--K", type=int, default=GPT2_K)
     parser.add_argument("--N", type=int, default=GPT2_N)
+    parser.add_argument("--weight-layout", choices=WEIGHT_LAYOUTS, default="in_out",
+                        help="W stored [K, N] as Conv1D (in_out) or [N, K] as nn.Linear (out_in, read transposed)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout probability")
@@ -117,7 +125,7 @@ def main(argv=None):
     device = pick_device(args.device)
     rows = run(device, args.M, args.r, [parse_dtype(d) for d in args.dtypes], providers=args.providers,
                modes=args.modes, K=args.K, N=args.N, dropout_p=args.dropout, rounds=args.rounds,
-               compile_backend=args.compile_backend)
+               compile_backend=args.compile_backend, weight_layout=args.weight_layout)
     out = args.out or RESULTS_DIR / f"layer-{slug(rows[0]['device'])}-{utc_now()[:10]}.csv"
     print(f"wrote {write_csv(out, rows, COLUMNS)}")
 

@@ -5,11 +5,17 @@
 | provider   | what it is                                                                   |
 |------------|------------------------------------------------------------------------------|
 | `base`     | ``torch.addmm(b, x, W)`` alone, no adapter: the floor                        |
-| `peft`     | peft's LoRA on ``transformers``' Conv1D (``fan_in_fan_out=True``)             |
+| `peft`     | peft's LoRA on ``transformers``' Conv1D (``fan_in_fan_out=True``), or on    |
+|            | ``nn.Linear`` (``fan_in_fan_out=False``) for the ``out_in`` weight layout     |
 | `addmm`    | the composition unsloth uses: ``Y = addmm(b, X, W); Y.addmm_(X A, B, alpha=s)``, |
 |            | a hand-written backward with ``addmm_`` that recomputes ``X A``                |
 | `compiled` | ``torch.compile`` of ``hybrid_lora.reference.lora_forward``                    |
 | `fused`    | ``hybrid_lora.fused_lora``                                                    |
+
+The frozen weight is stored as GPT-2's Conv1D stores it, W [K, N] (layout
+``in_out``), or as ``nn.Linear`` (Llama's projections) stores it, [N, K]
+(layout ``out_in``), which every provider reads as its transposed view W,
+without a copy, as ``hybrid_lora.LoRALinear`` does.
 
 Every provider is built from the same weights (``LayerWeights``) and computes
 the same function, which ``tests/test_bench_providers.py`` checks against the
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+WEIGHT_LAYOUTS = ("in_out", "out_in")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class LayerShape:
     dtype: torch.dtype  # compute dtype of x, W, b and the adapters
     r_max: int = 64  # adapter width R; the active rank selects A[:, :r], B[:r] as DyLoRA training does
     dropout_p: float = 0.0  # LoRA dropout on x
+    weight_layout: str = "in_out"  # W stored [K, N] (Conv1D) or "out_in": [N, K] (nn.Linear), read transposed
 
     def __post_init__(self):
         for name in ("M", "K", "N", "r", "r_max"):
@@ -52,11 +60,13 @@ class LayerShape:
             raise ValueError(f"LayerShape.r={self.r}: expected r <= r_max={self.r_max}")
         if not 0.0 <= self.dropout_p < 1.0:
             raise ValueError(f"LayerShape.dropout_p={self.dropout_p}: expected a probability in [0, 1)")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"LayerShape.weight_layout={self.weight_layout!r}: expected one of {WEIGHT_LAYOUTS}")
 
 
 @dataclass
 class LayerWeights:
-    """Frozen W [K, N], b [N], adapters A [K, R], B [R, N] and the scale, shared by every provider."""
+    """Frozen W [K, N] (maybe a transposed view), b [N], adapters A [K, R], B [R, N] and the scale, shared by all."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -72,8 +82,12 @@ class LayerWeights:
         def randn(*size, std):
             return (torch.randn(*size, generator=g) * std).to(device=device, dtype=shape.dtype)
 
+        if shape.weight_layout == "out_in":
+            weight = randn(shape.N, shape.K, std=shape.K ** -0.5).t()  # nn.Linear's storage, seen as [K, N]
+        else:
+            weight = randn(shape.K, shape.N, std=shape.K ** -0.5)
         return cls(
-            weight=randn(shape.K, shape.N, std=shape.K ** -0.5),
+            weight=weight,
             bias=randn(shape.N, std=0.02),
             lora_a=randn(shape.K, shape.r_max, std=shape.K ** -0.5),
             lora_b=randn(shape.r_max, shape.N, std=shape.r ** -0.5),
@@ -349,19 +363,21 @@ def _build_peft(shape, weights, x):
     from peft import LoraConfig, inject_adapter_in_model
     from transformers.pytorch_utils import Conv1D
 
+    linear = shape.weight_layout == "out_in"
+
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.c_attn = Conv1D(shape.N, shape.K)
+            self.proj = torch.nn.Linear(shape.K, shape.N) if linear else Conv1D(shape.N, shape.K)
 
     holder = Holder()
     config = LoraConfig(r=shape.r, lora_alpha=weights.scale * shape.r, lora_dropout=shape.dropout_p,
-                        target_modules=["c_attn"], fan_in_fan_out=True, bias="none")
+                        target_modules=["proj"], fan_in_fan_out=not linear, bias="none")
     holder = inject_adapter_in_model(config, holder)
     holder.to(device=weights.weight.device, dtype=shape.dtype).train()
-    layer = holder.c_attn
+    layer = holder.proj
     with torch.no_grad():
-        layer.base_layer.weight.copy_(weights.weight)
+        layer.base_layer.weight.copy_(weights.weight.t() if linear else weights.weight)
         layer.base_layer.bias.copy_(weights.bias)
         layer.lora_A["default"].weight.copy_(weights.lora_a[:, :shape.r].t())
         layer.lora_B["default"].weight.copy_(weights.lora_b[:shape.r].t())

@@ -1,7 +1,8 @@
 """Every benchmark at one size, in one process, into one results file: what ``bench/gpu_check`` runs.
 
 Steps, in order: warm Triton's compile cache in parallel (GPU only), the layer
-table (bf16, M = 8192, r in {16, 64}), the rank sweep (r = 1..64), saved
+table (bf16, M = 8192, r in {16, 64}, at GPT-2's c_attn and at Llama-7B's
+K = 4096 projections in nn.Linear's layout), the rank sweep (r = 1..64), saved
 activations (dropout on), end-to-end training (seq 128 and 1024, batch 8),
 the autotuner's choices, then the markdown report and plots. All rows go to
 ``<out-dir>/<device>-<date>.csv`` with a ``bench`` column; the report to the
@@ -34,6 +35,7 @@ class SuiteConfig:
     K: int = 768  # GPT-2 c_attn
     N: int = 2304
     layer_ranks: tuple = (16, 64)  # the ranks the targets name
+    linear_shapes: tuple = layer_bench.LLAMA_7B_SHAPES  # (K, N) timed with nn.Linear's weight layout too
     dtype: str = "bf16"
     sweep_ranks: tuple = tuple(range(1, 65))
     sweep_modes: tuple = ("fwd+bwd",)
@@ -49,7 +51,8 @@ class SuiteConfig:
 def tiny_config() -> SuiteConfig:
     """Toy sizes for a CPU: every step runs, in seconds, and nothing it times means anything."""
     return SuiteConfig(
-        M=16, K=16, N=32, layer_ranks=(4,), dtype="fp32", sweep_ranks=(1, 2, 17), memory_rank=4, rounds=1,
+        M=16, K=16, N=32, layer_ranks=(4,), linear_shapes=((32, 48),), dtype="fp32", sweep_ranks=(1, 2, 17),
+        memory_rank=4, rounds=1,
         compile_backend="aot_eager",  # inductor's C++ build takes minutes on a CPU
         training=e2e.E2EConfig(seq_lens=(8,), batch_size=2, warmup_steps=1, steps=1, model=e2e.TINY_GPT2),
         e2e_torch_path=True,  # the Triton interpreter would take minutes per training step
@@ -74,8 +77,10 @@ def precompile(config: SuiteConfig, device, workers, log=print) -> list:
     """Compile every kernel config the run can autotune over, in parallel, into Triton's disk cache.
 
     The autotuner would otherwise compile each config in turn on first use.
-    Covers the rank buckets, dropout on and off, and adapters in the compute
-    dtype (layer table) and in fp32 (autocast training).
+    Covers the rank buckets, dropout on and off, adapters in the compute dtype
+    (layer table) and in fp32 (autocast training), and both weight layouts
+    (Conv1D's, and nn.Linear's read transposed). The shape does not matter when
+    every size is a multiple of 16: Triton compiles the same variants.
     """
     from triton.runtime import driver
 
@@ -86,7 +91,7 @@ def precompile(config: SuiteConfig, device, workers, log=print) -> list:
     dtype = parse_dtype(config.dtype)
     shape = dict(M=config.M, K=config.K, N=config.N)
     jobs = compile_report.plan((16, 32, 64), [dtype], (0.0, config.dropout), adapter_dtypes=(None, torch.float32),
-                               target=target, device=device, **shape)
+                               target=target, device=device, weight_layouts=("in_out", "out_in"), **shape)
     log(f"precompile: {len(jobs)} specializations on {workers} processes for {target}")
     return compile_report.compile_all(jobs, workers=workers, target=target, device=str(device), log=lambda _: None,
                                       **shape)
@@ -145,9 +150,13 @@ def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=prin
 
     if device.type == "cuda":
         timed("precompile", warm_compile_cache)
-    timed("layer", lambda: layer_bench.run(
-        device, [config.M], list(config.layer_ranks), [dtype], K=config.K, N=config.N, rounds=config.rounds,
-        compile_backend=config.compile_backend, log=log))
+    def layer_table():
+        shapes = [(config.K, config.N, "in_out"), *((K, N, "out_in") for K, N in config.linear_shapes)]
+        return [row for K, N, layout in shapes for row in layer_bench.run(
+            device, [config.M], list(config.layer_ranks), [dtype], K=K, N=N, rounds=config.rounds,
+            compile_backend=config.compile_backend, weight_layout=layout, log=log)]
+
+    timed("layer", layer_table)
     timed("rank_sweep", lambda: rank_sweep.run(
         device, config.M, list(config.sweep_ranks), dtype, K=config.K, N=config.N, modes=config.sweep_modes,
         rounds=config.rounds, rep_ms=config.sweep_rep_ms, log=log))

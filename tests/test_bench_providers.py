@@ -1,5 +1,6 @@
 """The benchmark's five layers compute the same function, and their work counts follow the design notes."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,10 +29,14 @@ def assert_close(name, got, want):
     assert err <= bound, f"{name}: max |diff| {err:.3e} > {bound:.3e}"
 
 
+@pytest.mark.parametrize("weight_layout", ["in_out", "out_in"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_every_provider_computes_the_reference_layer(provider):
-    weights = LayerWeights.random(TINY, "cpu", seed=3)
-    layer = build_layer(provider, TINY, "cpu", weights=weights, seed=3, compile_backend="aot_eager")
+def test_every_provider_computes_the_reference_layer(provider, weight_layout):
+    shape = dataclasses.replace(TINY, weight_layout=weight_layout)
+    weights = LayerWeights.random(shape, "cpu", seed=3)
+    assert weights.weight.shape == (TINY.K, TINY.N)
+    assert weights.weight.stride() == ((1, TINY.K) if weight_layout == "out_in" else (TINY.N, 1))
+    layer = build_layer(provider, shape, "cpu", weights=weights, seed=3, compile_backend="aot_eager")
     with layer.context():
         y = layer.forward()
         y.backward(layer.grad_y)

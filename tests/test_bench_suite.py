@@ -33,12 +33,15 @@ def test_layer_rows_cover_every_provider_and_mode_and_agree_with_themselves(tiny
     _, rows = tiny_run
     layer = rows["layer"]
     assert {(row["provider"], row["mode"]) for row in layer} == {(p, m) for p in PROVIDERS for m in MODES}
-    base = {row["mode"]: float(row["median_ms"]) for row in layer if row["provider"] == "base"}
+    # GPT-2's shape in Conv1D's weight layout, and the Llama-like shapes in nn.Linear's.
+    assert {(int(row["K"]), int(row["N"]), row["weight_layout"]) for row in layer} == {
+        (CONFIG.K, CONFIG.N, "in_out"), *((K, N, "out_in") for K, N in CONFIG.linear_shapes)}
+    base = {(row["K"], row["N"], row["mode"]): float(row["median_ms"]) for row in layer if row["provider"] == "base"}
     for row in layer:
         assert row["status"] == "ok", row
         median, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
         assert 0 < p20 <= median <= p80
-        assert float(row["ratio_to_base"]) == pytest.approx(median / base[row["mode"]], rel=1e-4)
+        assert float(row["ratio_to_base"]) == pytest.approx(median / base[row["K"], row["N"], row["mode"]], rel=1e-4)
         shape = LayerShape(int(row["M"]), int(row["K"]), int(row["N"]), max(1, int(row["r"])),
                            parse_dtype(row["dtype"]))
         assert float(row["tflops"]) == pytest.approx(flops(row["provider"], shape, row["mode"]) / median / 1e9,
