@@ -1,5 +1,5 @@
-"""CUDA correctness at GPT-2's c_attn shape in bf16 (K = 768, N = 2304, M = 8192, r up to 64): what bench/gpu_check
-runs before it times anything. Skipped without CUDA; the same checks at small shapes run everywhere in
+"""CUDA correctness at GPT-2's c_attn shape in bf16 (K = 768, N = 2304, M = 8192, r up to 64), and at Llama-7B's
+K = 4096 projections in nn.Linear's layout: what bench/gpu_check runs before it times anything. Skipped without CUDA; the same checks at small shapes run everywhere in
 tests/test_fused_lora.py.
 """
 
@@ -23,14 +23,15 @@ M, K, N, R_MAX = 8192, 768, 2304, 64
 DTYPE = torch.bfloat16
 
 
-def gpt2_inputs(adapter_dtype, seed=0):
+def gpt2_inputs(adapter_dtype, seed=0, M=M, K=K, N=N, linear=False):
+    """x, W [K, N], b, A, B, dY; with `linear`, W is nn.Linear's [N, K] storage seen through its transpose."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, dtype, std):
         return (torch.randn(*shape, generator=g) * std).to(device="cuda", dtype=dtype)
 
     x = rand(M, K, dtype=DTYPE, std=1.0).requires_grad_()
-    weight = rand(K, N, dtype=DTYPE, std=K ** -0.5)
+    weight = rand(N, K, dtype=DTYPE, std=K ** -0.5).t() if linear else rand(K, N, dtype=DTYPE, std=K ** -0.5)
     bias = rand(N, dtype=DTYPE, std=0.02)
     lora_a = rand(K, R_MAX, dtype=adapter_dtype, std=K ** -0.5).requires_grad_()
     lora_b = rand(R_MAX, N, dtype=adapter_dtype, std=R_MAX ** -0.5).requires_grad_()
@@ -69,6 +70,27 @@ def test_fused_matches_the_fp64_reference_at_gpt2_shape(rank, dropout_p, adapter
     assert_close("dA", lora_a.grad, want_da)
     assert_close("dB", lora_b.grad, want_db)
     assert lora_a.grad.dtype == adapter_dtype and lora_b.grad.dtype == adapter_dtype
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("N_llama", [4096, 11008])
+def test_fused_matches_the_fp64_reference_at_llama_7b_shapes_in_linear_layout(N_llama, rank):
+    M_llama, K_llama = 2048, 4096
+    x, weight, bias, lora_a, lora_b, grad_y = gpt2_inputs(torch.float32, M=M_llama, K=K_llama, N=N_llama,
+                                                          linear=True)
+    scale, seed, dropout_p = 32.0 / rank, 1234, 0.05
+    y = fused_lora(x, weight, None, lora_a, lora_b, rank=rank, scale=scale, dropout_p=dropout_p, seed=seed)
+    y.backward(grad_y)
+    keep = dropout_keep_mask(M_llama, K_llama, seed, dropout_p, "cuda")
+    d = [t.detach().double() for t in (x, weight, lora_a, lora_b)]
+    d[2], d[3] = lora_a.detach().to(DTYPE).double(), lora_b.detach().to(DTYPE).double()
+    want_y, _ = reference.lora_forward(d[0], d[1], None, d[2], d[3], rank, scale, keep, dropout_p)
+    want_dx, want_da, want_db = reference.lora_backward(grad_y.double(), d[0], d[1], d[2], d[3], rank, scale,
+                                                        keep, dropout_p)
+    assert_close("y", y, want_y)
+    assert_close("dX", x.grad, want_dx)
+    assert_close("dA", lora_a.grad, want_da)
+    assert_close("dB", lora_b.grad, want_db)
 
 
 def test_no_recompile_within_a_rank_bucket_on_the_device():
