@@ -3,8 +3,9 @@
 The file holds, for every LoRA layer (``nn.Linear`` or Conv1D) at module path
 P, the tensors ``P.lora_a`` [in, r_max] and ``P.lora_b`` [r_max, out] (the full
 current width, so every rank up to r_max stays available), and string
-metadata: the active rank, alpha, the adapted module paths and their name
-suffixes, the base model and the LoRA dropout. The frozen weights are not
+metadata: the active rank, alpha, the scale rule and the width it was made
+with (so a truncated adapter keeps its scale), the adapted module paths and
+their name suffixes, the base model and the LoRA dropout. The frozen weights are not
 stored: the base model supplies them.
 
 Since format 2 the metadata holds a content digest (``tensor_files``): a file
@@ -19,6 +20,7 @@ import torch
 from .errors import BadValue
 from .files import atomic_write
 from .layer import LoRALayer, inject_lora
+from .scaling import SCALE_RULES
 from .tensor_files import decode, encode, non_finite, read_bytes
 
 FORMAT = "hybrid-lora-adapter/2"
@@ -42,10 +44,10 @@ def save_adapter(model, path, base_model, extra=None):
     adapters = named_adapters(model)
     if not adapters:
         raise ValueError("save_adapter: the model holds no LoRA layer; nothing to save")
-    ranks = {m.rank for _, m in adapters}
-    alphas = {m.alpha for _, m in adapters}
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"save_adapter: layers disagree on rank {sorted(ranks)} or alpha {sorted(alphas)}")
+    for what in ("rank", "alpha", "scale_rule", "scale_r_max"):
+        values = {getattr(m, what) for _, m in adapters}
+        if len(values) != 1:
+            raise ValueError(f"save_adapter: layers disagree on {what}: {sorted(values)}; expected one value")
     tensors = {}
     for name, module in adapters:
         tensors[f"{name}.lora_a"] = module.lora_a.detach().float().cpu().contiguous()
@@ -55,6 +57,8 @@ def save_adapter(model, path, base_model, extra=None):
         "rank": str(adapters[0][1].rank),
         "r_max": str(adapters[0][1].r_max),
         "alpha": repr(adapters[0][1].alpha),
+        "scale_rule": adapters[0][1].scale_rule,
+        "scale_r_max": str(adapters[0][1].scale_r_max),
         "lora_dropout": repr(adapters[0][1].dropout),
         "target_modules": json.dumps(sorted({name.rsplit(".", 1)[-1] for name, _ in adapters})),
         "modules": json.dumps([name for name, _ in adapters]),
@@ -78,6 +82,8 @@ def _parse_metadata(raw, path):
             "rank": int(raw["rank"]), "r_max": int(raw["r_max"]), "alpha": float(raw["alpha"]),
             "lora_dropout": float(raw["lora_dropout"]), "target_modules": json.loads(raw["target_modules"]),
             "base_model": raw["base_model"], "extra": json.loads(raw.get("extra", "{}")),
+            # files written before scale rules existed used alpha / r at their full width
+            "scale_rule": raw.get("scale_rule", "alpha/r"), "scale_r_max": int(raw.get("scale_r_max", raw["r_max"])),
         }
     except KeyError as err:
         raise AdapterFileError(f"adapter file {str(path)!r} has no {err.args[0]!r} in its metadata") from None
@@ -86,6 +92,9 @@ def _parse_metadata(raw, path):
     if not 1 <= metadata["rank"] <= metadata["r_max"]:
         raise AdapterFileError(f"adapter file {str(path)!r}: rank {metadata['rank']} outside [1, r_max "
                                f"{metadata['r_max']}]")
+    if metadata["scale_rule"] not in SCALE_RULES or metadata["scale_r_max"] < metadata["r_max"]:
+        raise AdapterFileError(f"adapter file {str(path)!r}: scale rule {metadata['scale_rule']!r} at width "
+                               f"{metadata['scale_r_max']}; expected one of {SCALE_RULES} at a width >= r_max")
     if not (math.isfinite(metadata["alpha"]) and metadata["alpha"] > 0):
         raise AdapterFileError(f"adapter file {str(path)!r}: alpha {metadata['alpha']!r}; expected a number > 0")
     if not 0.0 <= metadata["lora_dropout"] < 1.0:
@@ -134,13 +143,14 @@ def read_adapter(path):
 def attach_adapter(model, path, dropout=None):
     """Inject adapters shaped like the file's into the plain base `model` and load them. Returns the metadata.
 
-    The adapters are set to the file's active rank; `dropout` overrides the stored LoRA dropout.
+    The adapters are set to the file's active rank and keep its scale rule; `dropout` overrides the stored
+    LoRA dropout.
     """
     tensors, metadata = read_adapter(path)
     targets = metadata["modules"] or metadata["target_modules"]
     try:
         inject_lora(model, list(targets), r_max=metadata["r_max"], alpha=metadata["alpha"],
-                    dropout=metadata["lora_dropout"] if dropout is None else dropout)
+                    dropout=metadata["lora_dropout"] if dropout is None else dropout, scale_rule=metadata["scale_rule"])
     except (ValueError, TypeError) as err:
         raise AdapterFileError(f"adapter file {str(path)!r} does not fit the model: {err}") from None
     adapters = named_adapters(model)
@@ -157,5 +167,6 @@ def attach_adapter(model, path, dropout=None):
                     raise AdapterFileError(f"adapter file {str(path)!r}: {name}.{part} has shape "
                                            f"{tuple(stored.shape)}; the model expects {tuple(param.shape)}")
                 param.copy_(stored.to(param.dtype))
+            module.scale_r_max = metadata["scale_r_max"]
             module.set_rank(metadata["rank"])
     return metadata

@@ -6,9 +6,11 @@
     hybrid-lora eval runs/hybrid/seed-42/adapters/stage2-embedded-b.safetensors --sweep
     hybrid-lora export ADAPTER --rank 16 --peft out/peft --merged out/merged
 
-Every training hyperparameter is a flag whose default is the original
-experiment's. The four method flags (--lambda-order, --lambda-dc, --dylora,
---rank-schedule) default to what --variant sets; given explicitly they win.
+Every training hyperparameter is a flag. The method's defaults were chosen by
+measurement on the embedded corpus; --preset original puts back the original
+experiment's settings. The method flags default to what --preset and then
+--variant set; given explicitly they win. Without --lr, each base trains at
+its own rate (1e-3 for the embedded base, the original's 5e-5 otherwise).
 Bad values exit with status 2 and a message naming the value; so does every
 other error in what the user gave (a file, data, a model, a checkpoint, the hub
 out of reach, an output folder in use): one line, no traceback (``--debug``
@@ -25,10 +27,13 @@ from pathlib import Path
 
 from . import distributed
 from .data import resolve_domain
+from .dynamic_rank import DYLORA_MODES
 from .errors import UserError
 from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
 from .files import read_json, write_json, write_text
 from .folder_lock import hold_folder
+from .presets import PRESETS
+from .scaling import SCALE_RULES
 from .trainer import VARIANTS, TrainConfig
 
 _DEFAULTS = TrainConfig.__dataclass_fields__
@@ -93,9 +98,16 @@ def _add_training(parser, variant_flag):
                         help="keep runs that finished (their metrics.json exists); continue the others from their "
                              "checkpoint")
     parser.add_argument("--no-plots", action="store_true", help="draw no PNG plots")
-    hp = parser.add_argument_group("hyperparameters (defaults: the original experiment's)")
-    hp.add_argument("--r-max", type=_positive_int, default=_default("r_max"), help="LoRA rank at the start (%(default)s)")
-    hp.add_argument("--alpha", type=float, default=_default("alpha"), help="LoRA alpha; scale = alpha / rank (%(default)s)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                        help="default (the measured method) or original (the original experiment's settings: "
+                             "DyLoRA frozen, scale alpha/r, lr 5e-5); default: %(default)s")
+    hp = parser.add_argument_group("hyperparameters (defaults: the preset's, then the variant's)")
+    hp.add_argument("--r-max", type=_positive_int, default=None,
+                    help=f"LoRA rank at the start (default: {_default('r_max')})")
+    hp.add_argument("--alpha", type=float, default=None, help=f"LoRA alpha (default: {_default('alpha')})")
+    hp.add_argument("--scale-rule", choices=SCALE_RULES, default=None,
+                    help=f"LoRA scale at rank r: alpha/r, rslora (alpha/sqrt(r)) or fixed (alpha/r_max at every "
+                         f"rank); default: {_default('scale_rule')}")
     hp.add_argument("--lora-dropout", type=float, default=_default("lora_dropout"), help="(%(default)s)")
     hp.add_argument("--target-modules", nargs="+", default=list(_default("target_modules")),
                     help="nn.Linear/Conv1D modules to adapt, as peft reads them: names or name suffixes "
@@ -105,7 +117,8 @@ def _add_training(parser, variant_flag):
     hp.add_argument("--epochs", type=_positive_int, default=_default("epochs"), help="per domain (%(default)s)")
     hp.add_argument("--grad-accum", type=_positive_int, default=_default("grad_accum"),
                     help="micro-batches per optimizer step (%(default)s)")
-    hp.add_argument("--lr", type=float, default=_default("lr"), help="AdamW learning rate (%(default)s)")
+    hp.add_argument("--lr", type=float, default=None,
+                    help="AdamW learning rate (default: the base's own: 1e-3 for embedded, 5e-5 otherwise)")
     hp.add_argument("--weight-decay", type=float, default=_default("weight_decay"), help="(%(default)s)")
     hp.add_argument("--on-nonfinite", choices=("stop", "skip"), default=_default("on_nonfinite"),
                     help="a NaN or infinite loss or gradient stops the run, or only its step is skipped "
@@ -116,8 +129,10 @@ def _add_training(parser, variant_flag):
                     help=f"domain-correlation weight (default: the variant's; {_default('lambda_dc')} when on)")
     hp.add_argument("--dc-mode", choices=("delta", "weights"), default=_default("dc_mode"),
                     help="L_DC over the update matrices or the rank-aligned factors (%(default)s)")
-    hp.add_argument("--dylora", choices=("off", "frozen", "full"), default=None,
-                    help=f"DyLoRA sampled rank per step (default: the variant's; {_default('dylora')} when on)")
+    hp.add_argument("--dylora", choices=DYLORA_MODES, default=None,
+                    help="rank per step: off, frozen (official DyLoRA: one component learns), full (all up to a "
+                         "rank drawn from 1..r), nested (all up to a rank drawn from r, r/2, r/4); "
+                         f"default: the variant's; {_default('dylora')} when on")
     hp.add_argument("--rank-schedule", nargs="*", type=int, default=None, metavar="RANK",
                     help="rank per epoch of each later stage (default: the variant's; r_max halved each epoch "
                          "when on, 64 32 16; give no value to keep r_max)")
@@ -242,18 +257,18 @@ def _check_model(parser, name):
 
 
 def _overrides(args):
-    """TrainConfig fields the user set, or that every run shares; the four method flags only when given."""
+    """TrainConfig fields the user set, or that every run shares; the method flags only when given."""
     overrides = {
-        "r_max": args.r_max, "alpha": args.alpha, "lora_dropout": args.lora_dropout,
+        "lora_dropout": args.lora_dropout,
         "target_modules": tuple(args.target_modules), "batch_size": args.batch_size, "epochs": args.epochs,
-        "lr": args.lr, "weight_decay": args.weight_decay, "grad_accum": args.grad_accum, "dc_mode": args.dc_mode,
+        "weight_decay": args.weight_decay, "grad_accum": args.grad_accum, "dc_mode": args.dc_mode,
         "on_nonfinite": args.on_nonfinite,
         "checkpoint_every": args.checkpoint_every,
         "reset_optimizer_on_rank_change": args.reset_optimizer_on_rank_change,
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
         "device": "" if args.device == "auto" else args.device,
     }
-    for flag in ("lambda_order", "lambda_dc", "dylora", "rank_schedule"):
+    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "dylora", "rank_schedule"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = tuple(value) if flag == "rank_schedule" else value
@@ -270,7 +285,8 @@ def _specs(parser, args, variants):
     specs = []
     for variant in variants:
         for seed in args.seeds:
-            spec = RunSpec(variant=variant, seed=seed, model=args.model, data=data, overrides=overrides)
+            spec = RunSpec(variant=variant, seed=seed, model=args.model, data=data, overrides=overrides,
+                           preset=args.preset)
             try:
                 train_config(spec)
             except ValueError as err:
@@ -404,9 +420,6 @@ def _train(parser, args, variants, by_variant):
 
 def _train_and_summarise(parser, args, specs, by_variant, device):
     parallel = distributed.current()
-    if args.model == "embedded" and args.lr == _default("lr"):
-        print(f"note: at the original lr {args.lr:g} the tiny embedded base barely moves in {args.epochs} epochs; "
-              "the README's runs use --lr 1e-3")
     out_dir = Path(args.out or (Path("runs") / ("compare" if by_variant else args.variant)))
     if args.resume:
         conflict = parallel.from_main(lambda: _resume_conflict(specs, out_dir, by_variant))

@@ -6,6 +6,15 @@ scale alpha / b. In 'frozen' mode (what the official code runs) components
 0..b-2 are detached, so only component b-1 learns from that step; in 'full'
 mode all b components do. One b is drawn per step and shared by all layers.
 
+'nested' mode (in the spirit of Matryoshka representations and of
+MatryoshkaLoRA, arXiv 2605.07850, which finds uniform sampling of 1..r
+data-inefficient at high ranks) draws b from the ranks that get deployed,
+{r, r/2, r/4}, and trains all b components: the leading r/4 learn at every
+step and every rank of that set is trained as itself. It runs through the
+layers' runtime rank, with no copy of the adapter; with the ``fixed`` scale
+rule (``scaling``) the rank-b adapter is exactly the leading part of the
+rank-r one.
+
 A rank schedule cuts the adapter at the start of an epoch: ``truncate_adapters``
 keeps the leading components and the optimizer state that belongs to them, so
 AdamW's moments survive the cut (an option resets them, for comparison).
@@ -15,7 +24,8 @@ from contextlib import contextmanager
 
 import torch
 
-DYLORA_MODES = ("off", "frozen", "full")
+DYLORA_MODES = ("off", "frozen", "full", "nested")
+NESTED_DIVISORS = (1, 2, 4)  # nested mode trains the ranks r // d
 
 
 def check_rank(rank, r_max, where):
@@ -54,6 +64,28 @@ class RankSampler:
         if rank < 1:
             raise ValueError(f"RankSampler.sample: rank {rank}; expected >= 1")
         return int(torch.randint(1, rank + 1, (1,), generator=self.generator))
+
+    def sample_nested(self, rank):
+        """One of ``nested_ranks(rank)``, uniformly."""
+        ranks = nested_ranks(rank)
+        return ranks[int(torch.randint(0, len(ranks), (1,), generator=self.generator))]
+
+
+def nested_ranks(rank):
+    """The ranks nested mode trains at current rank r: r // d for d in NESTED_DIVISORS, at least 1, distinct,
+    ascending ((16, 32, 64) for r = 64; (1, 2) for r = 2)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"nested_ranks: rank {rank!r}; expected an integer >= 1")
+    return tuple(sorted({max(1, rank // d) for d in NESTED_DIVISORS}))
+
+
+def step_rank(mode, sampler, rank):
+    """The rank one training step runs at, for DyLoRA `mode` at current rank `rank`."""
+    if mode == "off":
+        return rank
+    if mode == "nested":
+        return sampler.sample_nested(rank)
+    return sampler.sample(rank)
 
 
 @contextmanager

@@ -52,12 +52,18 @@ class RunSpec:
     model: str = "embedded"  # "embedded", a hub id such as "gpt2", or a local checkpoint folder of a causal LM
     data: DataSpec = field(default_factory=DataSpec)
     overrides: dict = field(default_factory=dict)  # TrainConfig fields set explicitly (the rest: the variant's)
+    preset: str = "default"  # see ``presets``: under the variant's settings and the overrides
 
 
 def train_config(spec):
-    """The TrainConfig of a run: the variant's settings, then the explicit overrides, then model and seed."""
-    return variant_config(spec.variant, **{**spec.overrides, "model_name": resolve_model(spec.model),
-                                           "seed": spec.seed})
+    """The TrainConfig of a run: the preset, the variant's settings, the explicit overrides, then model and seed.
+
+    The model is kept by the name it was given (``embedded``, ``gpt2``, a folder), checked here and resolved
+    when it is loaded, so that the files a run writes read the same on every machine.
+    """
+    resolve_model(spec.model)
+    return variant_config(spec.variant, preset=spec.preset,
+                          **{**spec.overrides, "model_name": spec.model, "seed": spec.seed})
 
 
 def prepare_domains(data, tokenizer, batch_size):
@@ -167,13 +173,14 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume
     if domains is None:
         domains = prepare_domains(spec.data, tokenizer, config.batch_size)
     config_file = {
-        "variant": spec.variant, "seed": spec.seed, "model": spec.model,
+        "variant": spec.variant, "seed": spec.seed, "model": spec.model, "preset": spec.preset,
         "data": dataclasses.asdict(spec.data),
         "data_sizes": {name: {"train": len(train), "eval": len(ev)} for name, train, ev in domains},
         "train_config": dataclasses.asdict(config),
         "overrides": spec.overrides,
         "versions": {"hybrid_lora": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "command": sys.argv,
+        # the arguments only: the program's own path names this machine's installation
+        "command": ["hybrid-lora", *sys.argv[1:]],
     }
     if distributed.current().world > 1:
         config_file["processes"] = distributed.current().world  # data-parallel: batch_size is the global batch

@@ -8,6 +8,8 @@ A [in, r_max], B [r_max, out], so at rank r
     lora_A.weight = A[:, :r]^T,  lora_B.weight = B[:r, :]^T,  lora_alpha = alpha,
 
 and ``peft.PeftModel.from_pretrained(base, folder)`` computes the same logits.
+Other scale rules (``scaling``) set ``use_rslora`` (alpha / sqrt(r)) or a
+``lora_alpha`` of alpha * r / r_max (alpha / r_max at every rank).
 ``fan_in_fan_out`` tells peft the base weight's layout: True for Conv1D
 ([in, out]), False for ``nn.Linear`` ([out, in]). It is one value per config;
 when an adapter covers both kinds (GPT-2's Conv1D projections and its
@@ -31,6 +33,7 @@ from torch import nn
 from .adapter_files import named_adapters
 from .files import atomic_write, write_json
 from .layer import LoRAConv1D, LoRALinear, matches_target
+from .scaling import peft_scale_fields
 
 PEFT_PREFIX = "base_model.model."
 
@@ -53,17 +56,18 @@ def peft_state(model, rank):
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_a[:, :rank].detach().float().t().contiguous().cpu()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_b[:rank].detach().float().t().contiguous().cpu()
     first = adapters[0][1]
+    scale = peft_scale_fields(first.scale_rule, first.alpha, rank, first.scale_r_max)
     conv1d = sum(isinstance(module, LoRAConv1D) for _, module in adapters)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
-        "lora_alpha": first.alpha,  # peft's scale lora_alpha / r equals ours, alpha / r
+        "lora_alpha": scale["lora_alpha"],  # peft's scale from these two fields equals ours at `rank`
         "lora_dropout": first.dropout,
         "target_modules": peft_target_modules(model, [name for name, _ in adapters]),
         "fan_in_fan_out": conv1d * 2 > len(adapters),  # Conv1D stores [in, out]; peft fixes the minority
         "bias": "none",
-        "use_rslora": False,
+        "use_rslora": scale["use_rslora"],
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,

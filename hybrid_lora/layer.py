@@ -7,8 +7,10 @@ only in the weight's layout: Conv1D stores [in, out], ``nn.Linear`` stores
 [out, in], whose transpose is a strided [in, out] view that the kernels read
 as it is (no copy). The adapter is the same for both: ``lora_a`` [in, r_max]
 and ``lora_b`` [r_max, out]; the active ``rank`` r <= r_max selects the
-leading components and the scale is alpha / r (as DyLoRA, Valipour et al.,
-EACL 2023, scales a truncated rank b by alpha / b).
+leading components and the scale follows ``scale_rule`` (see ``scaling``):
+alpha / r by default, as in peft (and as DyLoRA, Valipour et al., EACL 2023,
+scales a truncated rank b by alpha / b). ``scale_r_max``, the width the rule's
+"fixed" form divides by, is the width the adapter was made with and survives a cut.
 
 ``inject_lora`` selects modules as ``peft``'s ``LoraConfig.target_modules``
 does: a string is a regular expression that must match the whole module name
@@ -25,6 +27,7 @@ from torch import nn
 
 from .function import fused_lora
 from .reference import merged_weight
+from .scaling import DEFAULT_RULE, check_rule, lora_scale
 
 ALL_LINEAR = "all-linear"
 
@@ -36,7 +39,8 @@ class LoRALayer(nn.Module):
     other behaviour, and the one call of the op, lives here.
     """
 
-    def __init__(self, weight, bias, in_features, out_features, r_max=64, alpha=32.0, dropout=0.0):
+    def __init__(self, weight, bias, in_features, out_features, r_max=64, alpha=32.0, dropout=0.0,
+                 scale_rule=DEFAULT_RULE):
         super().__init__()
         kind = type(self).__name__
         if int(r_max) < 1:
@@ -54,6 +58,8 @@ class LoRALayer(nn.Module):
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.rank = int(r_max)
+        self.scale_rule = check_rule(scale_rule)
+        self.scale_r_max = int(r_max)
         self.merged = False
         self.weight_is_shared = False  # set by inject_lora when another module holds the same weight (tied)
         self.reset_lora_parameters()
@@ -77,7 +83,7 @@ class LoRALayer(nn.Module):
 
     @property
     def scale(self):
-        return self.alpha / self.rank
+        return lora_scale(self.scale_rule, self.alpha, self.rank, self.scale_r_max)
 
     def _check_rank(self, r, what):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
@@ -87,7 +93,7 @@ class LoRALayer(nn.Module):
                                "call unmerge() first")
 
     def set_rank(self, r):
-        """Use the leading r components (scale alpha / r). Nothing is recompiled or reallocated."""
+        """Use the leading r components (scale by the layer's rule). Nothing is recompiled or reallocated."""
         self._check_rank(r, "set_rank")
         self.rank = r
 
@@ -151,7 +157,7 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, r_max={self.r_max}, "
-                f"alpha={self.alpha}, dropout={self.dropout}, merged={self.merged}")
+                f"alpha={self.alpha}, scale_rule={self.scale_rule}, dropout={self.dropout}, merged={self.merged}")
 
 
 def _frozen(tensor):
@@ -164,16 +170,16 @@ def _frozen(tensor):
 class LoRAConv1D(LoRALayer):
     """Drop-in for ``transformers.pytorch_utils.Conv1D``: weight [in, out] (nx = in, nf = out)."""
 
-    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0):
+    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
         """weight: [in, out] frozen; bias: [out] or None; r_max: adapter width; dropout: LoRA dropout on x."""
         if weight.dim() != 2:
             raise ValueError(f"LoRAConv1D: weight has shape {tuple(weight.shape)}; expected [in, out]")
-        super().__init__(weight, bias, weight.shape[0], weight.shape[1], r_max, alpha, dropout)
+        super().__init__(weight, bias, weight.shape[0], weight.shape[1], r_max, alpha, dropout, scale_rule)
 
     @classmethod
-    def from_module(cls, conv, r_max=64, alpha=32.0, dropout=0.0):
+    def from_module(cls, conv, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
         """Wrap a Conv1D, holding its weight and bias Parameters."""
-        return cls(conv.weight, conv.bias, r_max=r_max, alpha=alpha, dropout=dropout)
+        return cls(conv.weight, conv.bias, r_max=r_max, alpha=alpha, dropout=dropout, scale_rule=scale_rule)
 
     from_conv1d = from_module
 
@@ -192,16 +198,16 @@ class LoRAConv1D(LoRALayer):
 class LoRALinear(LoRALayer):
     """Drop-in for ``nn.Linear``: weight [out, in], read by the op through its transpose (a view)."""
 
-    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0):
+    def __init__(self, weight, bias=None, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
         """weight: [out, in] frozen; bias: [out] or None; r_max: adapter width; dropout: LoRA dropout on x."""
         if weight.dim() != 2:
             raise ValueError(f"LoRALinear: weight has shape {tuple(weight.shape)}; expected [out, in]")
-        super().__init__(weight, bias, weight.shape[1], weight.shape[0], r_max, alpha, dropout)
+        super().__init__(weight, bias, weight.shape[1], weight.shape[0], r_max, alpha, dropout, scale_rule)
 
     @classmethod
-    def from_module(cls, linear, r_max=64, alpha=32.0, dropout=0.0):
+    def from_module(cls, linear, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
         """Wrap an ``nn.Linear``, holding its weight and bias Parameters."""
-        return cls(linear.weight, linear.bias, r_max=r_max, alpha=alpha, dropout=dropout)
+        return cls(linear.weight, linear.bias, r_max=r_max, alpha=alpha, dropout=dropout, scale_rule=scale_rule)
 
     def frozen_weight(self):
         return self.weight.t()
@@ -266,7 +272,7 @@ def _shared_weights(model):
     return {key for key, n in count.items() if n > 1}
 
 
-def inject_lora(model, target_modules=("c_attn",), r_max=64, alpha=32.0, dropout=0.0):
+def inject_lora(model, target_modules=("c_attn",), r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
     """Replace the ``nn.Linear`` and Conv1D modules selected by `target_modules` by LoRA layers; freeze the rest.
 
     target_modules: a regular expression matched against whole module names,
@@ -292,7 +298,8 @@ def inject_lora(model, target_modules=("c_attn",), r_max=64, alpha=32.0, dropout
     layers = []
     for name in names:
         module = modules[name]
-        layer = _layer_class(module).from_module(module, r_max=r_max, alpha=alpha, dropout=dropout)
+        layer = _layer_class(module).from_module(module, r_max=r_max, alpha=alpha, dropout=dropout,
+                                                 scale_rule=scale_rule)
         layer.weight_is_shared = id(module.weight) in shared
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

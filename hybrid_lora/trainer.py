@@ -47,12 +47,14 @@ from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, opti
                          optimizer_to_checkpoint, require_equal, rng_from_checkpoint, rng_to_checkpoint,
                          save_checkpoint, snapshot_from_checkpoint, snapshot_to_checkpoint)
 from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
-                           freeze_leading_grads, scheduled_rank, truncate_adapters)
+                           freeze_leading_grads, scheduled_rank, step_rank, truncate_adapters)
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, evaluate, final_minus_own, model_logits, move_batch, retention
 from .models import load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
+from .presets import base_lr, preset_fields
 from .regularizers import DC_MODES, order_penalty, snapshot_adapters
+from .scaling import SCALE_RULES
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -60,24 +62,25 @@ AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 @dataclass
 class TrainConfig:
     # model and adapter
-    model_name: str = "gpt2"  # a Hugging Face name or a local checkpoint folder of any causal LM
+    model_name: str = "gpt2"  # "embedded", a Hugging Face name or a local checkpoint folder of any causal LM
     target_modules: tuple = ("c_attn",)  # nn.Linear / Conv1D modules that get an adapter: name suffixes, or a
     #                                      regular expression over whole names (peft's target_modules rule)
     r_max: int = 64  # adapter width at the start of training
-    alpha: float = 32.0  # LoRA scale is alpha / r at the active rank r
+    alpha: float = 32.0  # LoRA scale at the active rank r: see scale_rule
+    scale_rule: str = "fixed"  # "alpha/r" (the original's), "rslora" (alpha / sqrt r) or "fixed" (alpha / r_max)
     lora_dropout: float = 0.05  # dropout on the adapter's input, training only
     # optimisation (AdamW, constant learning rate, no clipping)
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size * grad_accum)
     epochs: int = 3  # per domain
-    lr: float = 5e-5
+    lr: float = None  # None: the base model's own (presets.base_lr): 1e-3 for the embedded base, else 5e-5
     weight_decay: float = 0.01  # torch's AdamW default
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that step (``nonfinite``)
     # the continual method
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
     lambda_dc: float = 0.1  # weight of the domain-correlation loss, stages after the first; 0 turns it off
     dc_mode: str = "delta"  # L_DC over the update matrices ("delta") or the rank-aligned factors ("weights")
-    dylora: str = "frozen"  # sampled rank per step: "off", "frozen" (official DyLoRA) or "full"
+    dylora: str = "nested"  # rank per step: "off", "frozen" (official DyLoRA), "full", "nested" (r, r/2, r/4)
     rank_schedule: tuple = None  # rank per epoch of every stage after the first; () keeps r_max; None halves
     #                              r_max each epoch: (64, 32, 16) for the defaults, the original's schedule
     reset_optimizer_on_rank_change: bool = False  # drop AdamW's moments at a rank cut instead of keeping them
@@ -96,6 +99,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
+        if self.lr is None:
+            self.lr = base_lr(self.model_name)
         if self.rank_schedule is None and isinstance(self.r_max, int) and isinstance(self.epochs, int):
             self.rank_schedule = tuple(max(1, self.r_max >> epoch) for epoch in range(max(self.epochs, 0)))
         self.rank_schedule = tuple(self.rank_schedule or ())
@@ -122,6 +127,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected a finite number >= 0")
         if self.dylora not in DYLORA_MODES:
             raise ValueError(f"TrainConfig.dylora={self.dylora!r}; expected one of {DYLORA_MODES}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"TrainConfig.scale_rule={self.scale_rule!r}; expected one of {SCALE_RULES}")
         if self.dc_mode not in DC_MODES:
             raise ValueError(f"TrainConfig.dc_mode={self.dc_mode!r}; expected one of {tuple(DC_MODES)}")
         if self.on_nonfinite not in POLICIES:
@@ -144,11 +151,12 @@ VARIANTS = {
 }
 
 
-def variant_config(name, **overrides):
-    """The TrainConfig of variant `name` (see VARIANTS); `overrides` set any other field."""
+def variant_config(name, preset="default", **overrides):
+    """The TrainConfig of variant `name` (see VARIANTS) over `preset` (see ``presets``); `overrides` set any
+    other field and win over both."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {tuple(VARIANTS)}")
-    return TrainConfig(**{**VARIANTS[name], **overrides})
+    return TrainConfig(**{**preset_fields(preset), **VARIANTS[name], **overrides})
 
 
 class Domain(NamedTuple):
@@ -199,7 +207,7 @@ def load_model(config):
     model = load_causal_lm(config.model_name)
     torch.manual_seed(config.seed)
     layers = inject_lora(model, _target_modules(config.target_modules), r_max=config.r_max, alpha=config.alpha,
-                         dropout=config.lora_dropout)
+                         dropout=config.lora_dropout, scale_rule=config.scale_rule)
     if device.type == "cuda" and resolved_dtype(config, device) == "bfloat16":
         for layer in layers:
             layer.weight.data = layer.weight.data.to(torch.bfloat16)
@@ -312,7 +320,7 @@ def _train_step(model, micro_batches, stage, totals):
     """
     config, layers, parallel = stage.config, stage.layers, stage.parallel
     rank = layers[0].rank
-    sampled = stage.sampler.sample(rank) if config.dylora != "off" else rank
+    sampled = step_rank(config.dylora, stage.sampler, rank)
     step_ce = None
     with active_rank(layers, sampled):
         for i, batch in enumerate(micro_batches):

@@ -124,3 +124,36 @@ def test_rank_cut_can_reset_the_state_and_refuses_to_grow():
     with pytest.raises(ValueError, match=r"truncate_adapters: rank 4 is outside \[1, 3\]"):
         truncate_adapters([wide, layer], 4)
     assert wide.r_max == 6 and layer.r_max == 3
+
+
+def test_nested_ranks_are_r_r_half_r_quarter_and_drawn_evenly():
+    from hybrid_lora.dynamic_rank import nested_ranks, step_rank
+
+    assert nested_ranks(64) == (16, 32, 64) and nested_ranks(6) == (1, 3, 6) and nested_ranks(2) == (1, 2)
+    assert nested_ranks(1) == (1,)
+    with pytest.raises(ValueError, match="rank 0"):
+        nested_ranks(0)
+    sampler = RankSampler(seed=5)
+    draws = [step_rank("nested", sampler, 64) for _ in range(3000)]
+    counts = {r: draws.count(r) for r in set(draws)}
+    # each of the three with probability 1/3: 1000 +- 26 (1 sd); 150 is over 5 sd
+    assert set(counts) == {16, 32, 64} and all(abs(c - 1000) < 150 for c in counts.values())
+    assert step_rank("off", sampler, 64) == 64
+
+
+def test_nested_step_trains_every_component_up_to_the_drawn_rank_through_the_runtime_rank():
+    """A nested step at rank b: the gradient of the runtime-rank layer equals the reference's at rank b, for all
+    b components (none frozen), zero beyond b, and the adapter is the same tensor throughout (no copy)."""
+    layer = make_layer(r_max=8)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a_ptr = layer.lora_a.data_ptr()
+    with active_rank([layer], 4):
+        layer(x).square().sum().backward()
+    assert layer.rank == 8 and layer.lora_a.data_ptr() == a_ptr
+    a = layer.lora_a.detach().clone().requires_grad_(True)
+    b = layer.lora_b.detach().clone().requires_grad_(True)
+    reference.lora_forward(x, layer.weight, layer.bias, a, b, 4, 2.0 / 4)[0].square().sum().backward()
+    torch.testing.assert_close(layer.lora_a.grad, a.grad)
+    torch.testing.assert_close(layer.lora_b.grad, b.grad)
+    assert (layer.lora_b.grad[:4].abs().sum(dim=1) > 0).all()  # every leading component learns
+    assert layer.lora_b.grad[4:].abs().sum() == 0

@@ -84,12 +84,21 @@ def test_config_names_the_bad_value(field, value, message):
         TrainConfig(**{field: value})
 
 
-def test_defaults_are_the_original_settings_and_variants_switch_the_two_methods():
+def test_defaults_are_the_measured_method_the_original_is_a_preset_and_variants_switch_the_two_methods():
     config = TrainConfig()
     assert (config.model_name, config.r_max, config.alpha, config.lora_dropout) == ("gpt2", 64, 32.0, 0.05)
     assert (config.batch_size, config.epochs, config.lr, config.weight_decay) == (8, 3, 5e-5, 0.01)
     assert (config.lambda_order, config.lambda_dc, config.rank_schedule) == (1e-4, 0.1, (64, 32, 16))
-    assert config.seed == 42 and config.dylora == "frozen"
+    assert (config.seed, config.dylora, config.scale_rule) == (42, "nested", "fixed")
+    assert TrainConfig(model_name="embedded").lr == 1e-3  # the embedded base's own rate
+    assert TrainConfig(model_name="embedded", lr=2e-4).lr == 2e-4
+    original = variant_config("hybrid", preset="original", model_name="embedded")
+    assert (original.dylora, original.scale_rule, original.lr, original.r_max) == ("frozen", "alpha/r", 5e-5, 64)
+    assert (original.lambda_order, original.lambda_dc) == (1e-4, 0.1)
+    assert variant_config("lora_only", preset="original").dylora == "off"  # the variant sits over the preset
+    assert variant_config("hybrid", preset="original", dylora="full").dylora == "full"  # a given field wins
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        variant_config("hybrid", preset="paper")
     lora_only, dc_only = variant_config("lora_only"), variant_config("dc_only")
     assert (lora_only.lambda_order, lora_only.lambda_dc, lora_only.dylora, lora_only.rank_schedule) == (0, 0, "off", ())
     assert (dc_only.lambda_order, dc_only.lambda_dc, dc_only.dylora) == (0, 0.1, "off")
@@ -98,6 +107,8 @@ def test_defaults_are_the_original_settings_and_variants_switch_the_two_methods(
     assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid"}
     with pytest.raises(ValueError, match="unknown variant 'dylora'"):
         variant_config("dylora")
+    with pytest.raises(ValueError, match="scale_rule='sqrt'; expected one of"):
+        TrainConfig(scale_rule="sqrt")
 
 
 @pytest.mark.slow
@@ -350,3 +361,26 @@ def test_progress_bar_shows_loss_and_rank_at_logging_intervals_only_and_can_be_t
     # The rank at the start, then loss and rank after steps 2 and 4: the loss is read back every log_every steps.
     assert [sorted(p) for p in shown.postfixes] == [["rank"], ["loss", "rank"], ["loss", "rank"]]
     assert all(p["rank"] == 4 for p in shown.postfixes)
+
+
+def test_nested_mode_steps_run_at_r_r_half_r_quarter_and_train_all_their_components(torch_path, monkeypatch):
+    steps, frozen = [], []
+    real_active_rank = trainer.active_rank
+
+    def recording_active_rank(layers, rank):
+        steps.append((layers[0].rank, rank))
+        return real_active_rank(layers, rank)
+
+    monkeypatch.setattr(trainer, "active_rank", recording_active_rank)
+    monkeypatch.setattr(trainer, "freeze_leading_grads", lambda *a: frozen.append(a))
+    model = tiny_lora_model(r_max=8, alpha=8.0, scale_rule="fixed")
+    config = variant_config("hybrid", r_max=8, alpha=8.0, epochs=2, rank_schedule=(8, 4), dylora="nested", lr=3e-2,
+                            scale_rule="fixed", sweep_ranks=(), log_every=0)
+    domains = [rule_domain("plus1", 1, 48, 8, seed=1), rule_domain("plus5", 5, 48, 8, seed=2)]
+    run_continual(model, domains, config)
+    train_steps = steps  # evaluation goes through active_rank only for the rank sweep, off here
+    assert len(train_steps) == 2 * 2 * 6
+    for current, drawn in train_steps:
+        assert drawn in {current, current // 2, current // 4}
+    assert {d for c, d in train_steps if c == 8} == {2, 4, 8} and {d for c, d in train_steps if c == 4} <= {1, 2, 4}
+    assert not frozen  # nested mode freezes no component
