@@ -1,10 +1,12 @@
-"""Write the README's results section from a committed run's metrics.json and a comparison's summary.json.
+"""Write the README's result sections from the committed runs' metrics.json and the comparisons' summary.json.
 
-    python scripts/results_table.py [--results results/embedded-default] [--readme README.md]
+    python scripts/results_table.py [--readme README.md]
 
-Prints the section; with --readme, replaces the text between the markers
-``<!-- experiment:start -->`` and ``<!-- experiment:end -->`` in that file. Every
-number comes from the JSON files; nothing is typed in by hand.
+Prints the sections; with --readme, replaces the text between each pair of
+markers in that file (``SECTIONS``: the runs and comparisons, the default's
+four conditions, the sweep the defaults were chosen from). Every number comes
+from the JSON files under results/; nothing is typed in by hand. The CI test
+tests/test_committed_results.py checks that the README equals what this makes.
 """
 
 import argparse
@@ -38,11 +40,12 @@ def run_section(run_dir, rel):
     lines = [
         f"#### `{label(run_dir)}`",
         "",
-        f"`{metrics['variant']}` (DyLoRA {config['dylora']}, lambda_order {config['lambda_order']:g}, "
+        f"`{metrics['variant']}` (DyLoRA {config['dylora']}, scale {config.get('scale_rule', 'alpha/r')}, "
+        f"lambda_order {config['lambda_order']:g}, "
         f"lambda_DC {config['lambda_dc']:g}), seed {metrics['seed']}, base `{metrics['model']}`, "
         f"{data['train_examples']} training and {data['eval_examples']} eval examples per domain, "
         f"lr {config['lr']:g}, {config['epochs']} epochs per stage, batch {config['batch_size']}, "
-        f"r_max {config['r_max']}, Stage 2 rank schedule {' -> '.join(map(str, config['rank_schedule']))}; "
+        f"r_max {config['r_max']}, Stage 2 rank schedule {' -> '.join(map(str, config['rank_schedule'])) or 'none'}; "
         f"{metrics['wall_seconds'] / 60:.1f} min on `{metrics['device']}` "
         f"({metrics['tokens_per_second']:.0f} training tokens/s).",
         "",
@@ -98,31 +101,122 @@ def compare_section(compare_dir, rel):
     return "\n".join(lines)
 
 
+RUN_FOLDERS = ("default", "embedded-default")  # the measured default first, then the original preset's runs
+
+
+def experiment_section(results, base):
+    """Each run folder and comparison under results/<RUN_FOLDERS>, with links relative to `base`."""
+    parts = []
+    for folder in RUN_FOLDERS:
+        root = Path(results) / folder
+        # Shortest folder names first: the main run ("hybrid") before its variations.
+        for run_dir in sorted(root.glob("*/seed-*"), key=lambda p: (len(p.parent.name), str(p))):
+            if (run_dir / "metrics.json").is_file() and not (run_dir.parent / "summary.json").is_file():
+                parts.append(run_section(run_dir, os.path.relpath(run_dir, base)))
+        for compare_dir in sorted(p.parent for p in root.glob("*/summary.json")):
+            parts.append(compare_section(compare_dir, os.path.relpath(compare_dir, base)))
+    return "\n".join(parts)
+
+
+def _gains(metrics):
+    """(gain on A in Stage 1, gain on B in Stage 2, gain on B over the base, forgetting of A, rank-16 gap)."""
+    acc, initial = metrics["accuracy"], metrics["initial"]
+    sweep = metrics["rank_sweep"][0]["by_rank"]
+    gap = abs(sweep["16"]["accuracy"] - sweep["64"]["accuracy"]) if "16" in sweep and "64" in sweep else None
+    return (acc[0][0] - initial[0]["accuracy"], acc[1][1] - acc[0][1], acc[1][1] - initial[1]["accuracy"],
+            acc[0][0] - acc[1][0], gap)
+
+
+def _spread(compare_dir, variant):
+    """max - min of the forgetting over a comparison's seeds of `variant`, and the seeds."""
+    values = load(compare_dir / "summary.json")["table"][variant]["forgetting"]["values"]
+    return max(values) - min(values), len(values)
+
+
+def conditions_section(results, base):
+    """The plain default run against lora_only, condition by condition."""
+    root = Path(results) / "default"
+    ours_dir, theirs_dir = root / "hybrid" / "seed-42", root / "lora_only" / "seed-42"
+    if not (ours_dir / "metrics.json").is_file() or not (theirs_dir / "metrics.json").is_file():
+        return "No committed run of the default and of lora_only yet."
+    ours, theirs = _gains(load(ours_dir / "metrics.json")), _gains(load(theirs_dir / "metrics.json"))
+    rows = ["| condition | default (`hybrid-lora train`) | `--variant lora_only` | required | met |",
+            "|---|---|---|---|---|"]
+
+    def row(name, value, reference, required, met):
+        rows.append(f"| {name} | {value} | {reference} | {required} | {'yes' if met else 'no'} |")
+
+    row("gain on A in Stage 1", f"{ours[0]:+.4f}", f"{theirs[0]:+.4f}", f">= {0.8 * theirs[0]:+.4f} (80 %)",
+        ours[0] >= 0.8 * theirs[0])
+    row("gain on B in Stage 2 (after Stage 1 -> after Stage 2)", f"{ours[1]:+.4f}", f"{theirs[1]:+.4f}",
+        f">= {0.8 * theirs[1]:+.4f} (80 %)", ours[1] >= 0.8 * theirs[1])
+    row("gain on B over the base (before training -> after Stage 2)", f"{ours[2]:+.4f}", f"{theirs[2]:+.4f}",
+        f">= {0.8 * theirs[2]:+.4f} (80 %)", ours[2] >= 0.8 * theirs[2])
+    compare_dir = root / "compare"
+    if (compare_dir / "summary.json").is_file():
+        spreads = {v: _spread(compare_dir, v) for v in ("hybrid", "lora_only")}
+        spread = max(s for s, _ in spreads.values())
+        seeds = min(n for _, n in spreads.values())
+        row(f"forgetting of A (accuracy lost in Stage 2); spread = largest max - min over {seeds} seeds in "
+            f"`{label(compare_dir)}`", f"{ours[3]:.4f}", f"{theirs[3]:.4f}", f"< {theirs[3] - spread:.4f} "
+            f"(lora_only minus spread {spread:.4f})", ours[3] < theirs[3] - spread)
+    if ours[4] is not None:
+        row("after Stage 1, |acc at rank 16 - acc at rank 64| on A", f"{ours[4]:.4f}",
+            f"{theirs[4]:.4f}" if theirs[4] is not None else "", "<= 0.005", ours[4] <= 0.005)
+    rows.append("")
+    rows.append(f"Runs: `{label(ours_dir)}` and `{label(theirs_dir)}`.")
+    return "\n".join(rows)
+
+
+def sweep_section(results, base):
+    """One row per run under results/defaults-sweep: the settings tried and what they gave."""
+    runs = sorted((Path(results) / "defaults-sweep").glob("*/seed-*/metrics.json"))
+    if not runs:
+        return "No sweep committed."
+    lines = ["| run | DyLoRA | scale | lambda_DC | lambda_order | lr | examples | gain A (Stage 1) | "
+             "gain B (Stage 2) | forgetting A | rank 16 vs 64 on A |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in runs:
+        metrics = load(path)
+        config, data = metrics["config"], load(path.parent / "config.json")["data"]
+        gain_a, gain_b, _, forget, gap = _gains(metrics)
+        lines.append(f"| `{path.parent.parent.name}` | {config['dylora']} | {config['scale_rule']} | "
+                     f"{config['lambda_dc']:g} | {config['lambda_order']:g} | {config['lr']:g} | "
+                     f"{data['train_examples']}/{data['eval_examples']} | {gain_a:+.4f} | {gain_b:+.4f} | "
+                     f"{forget:.4f} | {'' if gap is None else f'{gap:.4f}'} |")
+    return "\n".join(lines)
+
+
+SECTIONS = [
+    ("<!-- experiment:start -->", "<!-- experiment:end -->", experiment_section),
+    ("<!-- conditions:start -->", "<!-- conditions:end -->", conditions_section),
+    ("<!-- sweep:start -->", "<!-- sweep:end -->", sweep_section),
+]
+
+
+def fill(text, start, end, section):
+    if start not in text or end not in text:
+        raise SystemExit(f"no {start} ... {end} markers to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{section}\n{end}{tail}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     root = Path(__file__).resolve().parents[1]
-    parser.add_argument("--results", default=str(root / "results" / "embedded-default"))
-    parser.add_argument("--readme", default=None, help="a Markdown file whose results markers to fill")
+    parser.add_argument("--results", default=str(root / "results"))
+    parser.add_argument("--readme", default=None, help="a Markdown file whose markers to fill")
     args = parser.parse_args()
-    results = Path(args.results)
     base = Path(args.readme).resolve().parent if args.readme else Path.cwd()
-    parts = []
-    # Shortest folder names first: the main run ("hybrid") before its variations.
-    for run_dir in sorted(results.glob("*/seed-*"), key=lambda p: (len(p.parent.name), str(p))):
-        if (run_dir / "metrics.json").is_file() and not (run_dir.parent / "summary.json").is_file():
-            parts.append(run_section(run_dir, os.path.relpath(run_dir, base)))
-    for compare_dir in sorted(p.parent for p in results.glob("*/summary.json")):
-        parts.append(compare_section(compare_dir, os.path.relpath(compare_dir, base)))
-    section = "\n".join(parts)
-    print(section)
+    sections = [(start, end, make(Path(args.results), base)) for start, end, make in SECTIONS]
+    for _, _, section in sections:
+        print(section)
     if args.readme:
         text = Path(args.readme).read_text(encoding="utf-8")
-        if START not in text or END not in text:
-            raise SystemExit(f"{args.readme}: no {START} ... {END} markers to fill")
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
+        for start, end, section in sections:
+            text = fill(text, start, end, section)
         tmp = Path(args.readme).with_suffix(".tmp")
-        tmp.write_text(f"{head}{START}\n{section}\n{END}{tail}", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, args.readme)
 
 

@@ -10,6 +10,11 @@ import pytest
 from hybrid_lora import plots
 from hybrid_lora.cli import main
 from hybrid_lora.summary import mean_std
+from hybrid_lora.trainer import TrainConfig
+
+
+def _default(name):
+    return TrainConfig.__dataclass_fields__[name].default
 
 TINY = ["--train-examples", "16", "--eval-examples", "8", "--epochs", "2", "--r-max", "8", "--batch-size", "8",
         "--eval-batch-size", "8", "--log-every", "1", "--backend", "torch", "--device", "cpu"]
@@ -43,11 +48,15 @@ def test_train_writes_config_metrics_adapters_and_plots(trained_run):
     assert config["data"]["domains"] == ["embedded-a", "embedded-b"]
     assert config["data_sizes"] == {"embedded-a": {"train": 16, "eval": 8}, "embedded-b": {"train": 16, "eval": 8}}
     train_config = config["train_config"]
-    # The tiny flags were applied, the original's defaults kept for the rest.
+    # The tiny flags were applied, the defaults kept for the rest: the embedded base's own lr.
     assert train_config["r_max"] == 8 and train_config["epochs"] == 2
-    assert train_config["alpha"] == 32.0 and train_config["lora_dropout"] == 0.05 and train_config["lr"] == 5e-5
-    assert train_config["lambda_order"] == 1e-4 and train_config["lambda_dc"] == 0.1
-    assert train_config["dylora"] == "frozen" and train_config["rank_schedule"] == [8, 4]
+    assert train_config["alpha"] == 32.0 and train_config["lora_dropout"] == 0.05 and train_config["lr"] == 1e-3
+    assert train_config["lambda_order"] == 1e-4 and train_config["lambda_dc"] == _default("lambda_dc")
+    assert train_config["dylora"] == _default("dylora") and train_config["rank_schedule"] == [8, 4]
+    assert train_config["scale_rule"] == _default("scale_rule")
+    # Portable: the model by its name and the command without the program's path on this machine.
+    assert config["model"] == train_config["model_name"] == metrics["config"]["model_name"] == "embedded"
+    assert config["command"][0] == "hybrid-lora" and config["preset"] == "default"
 
     assert metrics["domains"] == ["embedded-a", "embedded-b"]
     assert len(metrics["accuracy"]) == 2 and all(len(row) == 2 for row in metrics["accuracy"])
