@@ -86,7 +86,8 @@ def _add_data(parser, train=True):
 def _add_training(parser, variant_flag):
     if variant_flag:
         parser.add_argument("--variant", choices=tuple(VARIANTS), default="hybrid",
-                            help="lora_only, dy_only (DyLoRA), dc_only (domain correlation) or hybrid (both); "
+                            help="lora_only, dy_only (DyLoRA), dc_only (domain correlation), hybrid (both) or l2 "
+                                 "(L2 toward the previous adapter, a baseline); "
                                  "default: %(default)s")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="one run per seed (default: 42 for train, 42 43 44 for compare)")
@@ -127,6 +128,9 @@ def _add_training(parser, variant_flag):
                     help=f"ordering penalty weight (default: the variant's; {_default('lambda_order')} when on)")
     hp.add_argument("--lambda-dc", type=float, default=None,
                     help=f"domain-correlation weight (default: the variant's; {_default('lambda_dc')} when on)")
+    hp.add_argument("--lambda-l2", type=float, default=None,
+                    help="weight of ||delta_W - delta_W of the previous stage||^2 (default: the variant's; 1.0 for l2, "
+                         "else 0)")
     hp.add_argument("--dc-mode", choices=("delta", "weights"), default=_default("dc_mode"),
                     help="L_DC over the update matrices or the rank-aligned factors (%(default)s)")
     hp.add_argument("--dylora", choices=DYLORA_MODES, default=None,
@@ -268,7 +272,8 @@ def _overrides(args):
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
         "device": "" if args.device == "auto" else args.device,
     }
-    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "dylora", "rank_schedule"):
+    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "lambda_l2", "dylora",
+                 "rank_schedule"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = tuple(value) if flag == "rank_schedule" else value

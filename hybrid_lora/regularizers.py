@@ -15,6 +15,10 @@ s = alpha / r. Neither touches training data.
   adapter weights flattened, here on rank-aligned slices (A[:, :r], B[:r] of
   both adapters, r the smaller rank) so that component i meets component i.
   ``DC_MODES`` maps the trainer's mode names to the two.
+- ``l2_to_previous``: sum over layers of ||delta_W_cur - delta_W_prev||_F^2,
+  the cheapest baseline (L2 toward the previous adapter, as in the L2
+  baselines of Kirkpatrick et al., PNAS 2017, applied to the update). Unlike
+  1 - cos, which is scale-invariant, it bounds how far delta_W moves.
 """
 
 from dataclasses import dataclass
@@ -143,6 +147,25 @@ def weight_correlation(layers, snapshot, eps=1e-12):
         norm_prev = norm_prev + a_prev.square().sum() + b_prev.square().sum()
         norm_cur = norm_cur + a.square().sum() + b.square().sum()
     return 1.0 - cross / torch.sqrt((norm_prev * norm_cur).clamp_min(eps))
+
+
+def l2_to_previous(layers, snapshot):
+    """sum_l ||dW_cur_l - dW_prev_l||_F^2 over all layers, with a gradient to the current adapters. Scalar, fp32.
+
+    Expanded as ||X||^2 - 2 <X, Y> + ||Y||^2 with the Gram form of ``adapter_inner``, so no [in, out]
+    matrix is formed and the ranks may differ.
+    """
+    if not layers:
+        raise ValueError("l2_to_previous: no LoRA layers given; expected at least one LoRAConv1D")
+    if len(layers) != len(snapshot.factors):
+        raise ValueError(f"l2_to_previous: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
+                         "expected the same layers, in the same order")
+    cross, norm_cur = 0.0, 0.0
+    for layer, prev in zip(layers, snapshot.factors):
+        a, b, s = _factors(layer)
+        cross = cross + adapter_inner(prev.a, prev.b, prev.scale, a, b, s)
+        norm_cur = norm_cur + adapter_inner(a, b, s, a, b, s)
+    return norm_cur - 2.0 * cross + snapshot.squared_norm
 
 
 # L_DC by the trainer's mode name: "delta" compares update matrices, "weights" the factors.

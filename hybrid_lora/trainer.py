@@ -53,7 +53,7 @@ from .metrics import backward_transfer, evaluate, final_minus_own, model_logits,
 from .models import load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .presets import base_lr, preset_fields
-from .regularizers import DC_MODES, order_penalty, snapshot_adapters
+from .regularizers import DC_MODES, l2_to_previous, order_penalty, snapshot_adapters
 from .scaling import SCALE_RULES
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -79,6 +79,7 @@ class TrainConfig:
     # the continual method
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
     lambda_dc: float = 0.1  # weight of the domain-correlation loss, stages after the first; 0 turns it off
+    lambda_l2: float = 0.0  # weight of ||delta_W - delta_W of the previous stage||^2 (a baseline); 0 turns it off
     dc_mode: str = "delta"  # L_DC over the update matrices ("delta") or the rank-aligned factors ("weights")
     dylora: str = "nested"  # rank per step: "off", "frozen" (official DyLoRA), "full", "nested" (r, r/2, r/4)
     rank_schedule: tuple = None  # rank per epoch of every stage after the first; () keeps r_max; None halves
@@ -121,7 +122,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr!r}; expected a finite number > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout!r}; expected a probability in [0, 1)")
-        for name in ("weight_decay", "lambda_order", "lambda_dc"):
+        for name in ("weight_decay", "lambda_order", "lambda_dc", "lambda_l2"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected a finite number >= 0")
@@ -148,6 +149,7 @@ VARIANTS = {
     "dy_only": {"lambda_dc": 0.0},
     "dc_only": dict(_NO_DYLORA),
     "hybrid": {},
+    "l2": {**_NO_DYLORA, "lambda_dc": 0.0, "lambda_l2": 1.0},  # baseline: L2 toward the previous adapter
 }
 
 
@@ -306,9 +308,12 @@ def _regularizer(stage):
     if config.lambda_order > 0:
         order = order_penalty(stage.layers)
         total = config.lambda_order * order
-    if stage.snapshot is not None:
+    if stage.snapshot is not None and config.lambda_dc > 0:
         dc = DC_MODES[config.dc_mode](stage.layers, stage.snapshot)
         total = config.lambda_dc * dc if total is None else total + config.lambda_dc * dc
+    if stage.snapshot is not None and config.lambda_l2 > 0:
+        l2 = config.lambda_l2 * l2_to_previous(stage.layers, stage.snapshot)
+        total = l2 if total is None else total + l2
     return total, order, dc
 
 
@@ -423,7 +428,8 @@ def _train_epoch(model, dataset, stage, where, state):
     return {
         "train_loss": float(stage.parallel.sum(totals.ce)) / applied,
         "order_penalty": float(totals.order) / applied if config.lambda_order > 0 else None,
-        "domain_correlation": float(totals.dc) / applied if stage.snapshot is not None else None,
+        "domain_correlation": (float(totals.dc) / applied
+                               if stage.snapshot is not None and config.lambda_dc > 0 else None),
         "steps": totals.steps,
         "skipped_steps": skipped,
         "tokens": tokens,
@@ -670,7 +676,7 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
                 with active_rank(layers, r):
                     sweep[r] = _evaluate(model, eval_loaders[t], device, config)
         state.rank_sweep.append({"stage": t, "domain": domains[t].name, "by_rank": sweep})
-        if config.lambda_dc > 0 and t + 1 < len(domains):
+        if (config.lambda_dc > 0 or config.lambda_l2 > 0) and t + 1 < len(domains):
             state.snapshot = snapshot_adapters(layers)
         state.stage, state.epoch, state.batch, state.own_eval = t + 1, 0, 0, None
         if state.checkpointer is not None:

@@ -160,3 +160,29 @@ def test_weight_correlation_is_the_flattened_cosine_of_rank_aligned_factors_with
             layer.lora_b.copy_(layer.lora_b.flip(0))
     assert abs(weight_correlation(layers, snapshot).item() - got.item()) > 1e-3
     assert DC_MODES == {"delta": domain_correlation, "weights": weight_correlation}
+
+
+def test_l2_to_previous_matches_the_dense_squared_distance_after_a_rank_cut_with_its_gradient():
+    from hybrid_lora.regularizers import l2_to_previous
+
+    previous = random_layers(seed=1)
+    snapshot = snapshot_adapters(previous)
+    layers = random_layers(seed=2)
+    for layer in layers:
+        layer.set_rank(3)  # the current adapter runs at a lower rank than the stored one
+    value = l2_to_previous(layers, snapshot)
+    dense = [dense_update(layer) for layer in layers]
+    expected = sum((d - dense_update(p).detach()).square().sum() for d, p in zip(dense, previous))
+    # the regularisers compute in fp32, the dense form in fp64
+    assert abs(value.item() - expected.item()) <= 1e-5 * expected.item()
+    grads = torch.autograd.grad(value, [layers[0].lora_a, layers[0].lora_b])
+    dense_grads = torch.autograd.grad(expected, [layers[0].lora_a, layers[0].lora_b])
+    for got, want in zip(grads, dense_grads):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the same update scores (nearly) zero, a scaled one does not (1 - cos would be 0 for both)
+    assert abs(l2_to_previous(previous, snapshot).item()) <= 1e-5 * snapshot.squared_norm.item()
+    with torch.no_grad():
+        for layer in previous:
+            layer.lora_b.mul_(2.0)
+    assert l2_to_previous(previous, snapshot) > 0.1 * snapshot.squared_norm

@@ -104,7 +104,7 @@ def test_defaults_are_the_measured_method_the_original_is_a_preset_and_variants_
     assert (dc_only.lambda_order, dc_only.lambda_dc, dc_only.dylora) == (0, 0.1, "off")
     assert variant_config("dy_only").lambda_dc == 0 and variant_config("dy_only").rank_schedule == (64, 32, 16)
     assert variant_config("hybrid", lr=1e-3).lr == 1e-3
-    assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid"}
+    assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid", "l2"}
     with pytest.raises(ValueError, match="unknown variant 'dylora'"):
         variant_config("dylora")
     with pytest.raises(ValueError, match="scale_rule='sqrt'; expected one of"):
@@ -384,3 +384,22 @@ def test_nested_mode_steps_run_at_r_r_half_r_quarter_and_train_all_their_compone
         assert drawn in {current, current // 2, current // 4}
     assert {d for c, d in train_steps if c == 8} == {2, 4, 8} and {d for c, d in train_steps if c == 4} <= {1, 2, 4}
     assert not frozen  # nested mode freezes no component
+
+
+def test_l2_variant_pulls_the_second_stage_toward_the_first_adapter(torch_path):
+    from hybrid_lora.regularizers import l2_to_previous
+
+    domains = [rule_domain("plus1", 1, 32, 8, seed=1), rule_domain("plus5", 5, 32, 8, seed=2)]
+    distances = {}
+    for lam in (0.0, 100.0):
+        model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+        config = variant_config("l2", r_max=4, alpha=4.0, epochs=2, lr=3e-2, lora_dropout=0.0, lambda_l2=lam,
+                                sweep_ranks=(), log_every=0)
+        layers = hybrid_lora.lora_layers(model)
+        first = run_continual(model, domains[:1], config)
+        snapshot = snapshot_adapters(layers)
+        trainer.train_stage(model, domains[1], config, stage=0, snapshot=snapshot)
+        distances[lam] = float(l2_to_previous(layers, snapshot))
+        assert first["accuracy"][0][0] > 0
+    assert distances[100.0] < 0.5 * distances[0.0]
+    assert variant_config("l2").lambda_l2 == 1.0 and variant_config("hybrid").lambda_l2 == 0.0
