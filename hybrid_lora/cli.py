@@ -86,8 +86,8 @@ def _add_data(parser, train=True):
 def _add_training(parser, variant_flag):
     if variant_flag:
         parser.add_argument("--variant", choices=tuple(VARIANTS), default="hybrid",
-                            help="lora_only, dy_only (DyLoRA), dc_only (domain correlation), hybrid (both) or l2 "
-                                 "(L2 toward the previous adapter, a baseline); "
+                            help="lora_only, dy_only (DyLoRA), dc_only (domain correlation), hybrid (both); "
+                                 "baselines: l2 (L2 toward the previous adapter), ewc (EWC on the adapters); "
                                  "default: %(default)s")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="one run per seed (default: 42 for train, 42 43 44 for compare)")
@@ -131,6 +131,8 @@ def _add_training(parser, variant_flag):
     hp.add_argument("--lambda-l2", type=float, default=None,
                     help="weight of ||delta_W - delta_W of the previous stage||^2 (default: the variant's; 1.0 for l2, "
                          "else 0)")
+    hp.add_argument("--lambda-ewc", type=float, default=None,
+                    help="weight of EWC on the adapters (default: the variant's; 1e4 for ewc, else 0)")
     hp.add_argument("--dc-mode", choices=("delta", "weights"), default=_default("dc_mode"),
                     help="L_DC over the update matrices or the rank-aligned factors (%(default)s)")
     hp.add_argument("--dylora", choices=DYLORA_MODES, default=None,
@@ -272,7 +274,7 @@ def _overrides(args):
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
         "device": "" if args.device == "auto" else args.device,
     }
-    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "lambda_l2", "dylora",
+    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "lambda_l2", "lambda_ewc", "dylora",
                  "rank_schedule"):
         value = getattr(args, flag)
         if value is not None:

@@ -151,3 +151,27 @@ def plot_comparison(table, columns, path, echo=print):
     seeds = {len(table[v][next(iter(columns))]["values"]) for v in variants}
     fig.suptitle(f"variants: mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds", y=1.02)
     return _save(fig, path)
+
+
+def plot_tradeoff(points, path, echo=print):
+    """Forgetting of the earlier domain (x) against accuracy on the new domain (y), one marker per method.
+
+    points: [{"label", "forgetting": (mean, std or None), "new": (mean, std or None)}]; a std draws an
+    error bar (over seeds). Lower-right is better on neither axis: the good corner is top-left.
+    """
+    if not have_matplotlib():
+        if echo is not None:
+            echo(NO_MATPLOTLIB)
+        return None
+    fig = _figure(6.4, 4.6)
+    ax = fig.subplots()
+    for i, point in enumerate(points):
+        (fx, fs), (ny, ns) = point["forgetting"], point["new"]
+        ax.errorbar([fx], [ny], xerr=[fs] if fs else None, yerr=[ns] if ns else None, fmt="o", capsize=3,
+                    label=point["label"], color=f"C{i % 10}")
+    ax.set_xlabel("forgetting of the earlier domain (accuracy lost)")
+    ax.set_ylabel("accuracy on the new domain at the end")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("learning the new domain vs forgetting the old one (top-left is better)", fontsize=9)
+    return _save(fig, path)

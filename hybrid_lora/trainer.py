@@ -48,6 +48,7 @@ from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, opti
                          save_checkpoint, snapshot_from_checkpoint, snapshot_to_checkpoint)
 from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
                            freeze_leading_grads, scheduled_rank, step_rank, truncate_adapters)
+from .ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, evaluate, final_minus_own, model_logits, move_batch, retention
 from .models import load_causal_lm, pick_device
@@ -80,6 +81,8 @@ class TrainConfig:
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
     lambda_dc: float = 0.1  # weight of the domain-correlation loss, stages after the first; 0 turns it off
     lambda_l2: float = 0.0  # weight of ||delta_W - delta_W of the previous stage||^2 (a baseline); 0 turns it off
+    lambda_ewc: float = 0.0  # weight of EWC on the adapters (a baseline, see ewc); 0 turns it off
+    ewc_batches: int = 32  # batches of the previous domain the EWC Fisher is estimated from
     dc_mode: str = "delta"  # L_DC over the update matrices ("delta") or the rank-aligned factors ("weights")
     dylora: str = "nested"  # rank per step: "off", "frozen" (official DyLoRA), "full", "nested" (r, r/2, r/4)
     rank_schedule: tuple = None  # rank per epoch of every stage after the first; () keeps r_max; None halves
@@ -108,7 +111,8 @@ class TrainConfig:
         if self.sweep_ranks is not None:
             self.sweep_ranks = tuple(self.sweep_ranks)
         positive_ints = {"r_max": self.r_max, "batch_size": self.batch_size, "epochs": self.epochs,
-                         "eval_batch_size": self.eval_batch_size, "grad_accum": self.grad_accum}
+                         "eval_batch_size": self.eval_batch_size, "grad_accum": self.grad_accum,
+                         "ewc_batches": self.ewc_batches}
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected an integer >= 1")
@@ -122,7 +126,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr!r}; expected a finite number > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout!r}; expected a probability in [0, 1)")
-        for name in ("weight_decay", "lambda_order", "lambda_dc", "lambda_l2"):
+        for name in ("weight_decay", "lambda_order", "lambda_dc", "lambda_l2", "lambda_ewc"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected a finite number >= 0")
@@ -150,6 +154,7 @@ VARIANTS = {
     "dc_only": dict(_NO_DYLORA),
     "hybrid": {},
     "l2": {**_NO_DYLORA, "lambda_dc": 0.0, "lambda_l2": 1.0},  # baseline: L2 toward the previous adapter
+    "ewc": {**_NO_DYLORA, "lambda_dc": 0.0, "lambda_ewc": 1e4},  # baseline: EWC on the adapters
 }
 
 
@@ -250,6 +255,7 @@ class TrainingState:
     loss: list = field(default_factory=list)
     rank_sweep: list = field(default_factory=list)
     snapshot: object = None  # AdapterSnapshot for L_DC in the current stage, or None
+    ewc: object = None  # EWCAnchor of the earlier stages, or None
     own_eval: dict = None  # the current domain's eval after the latest epoch
     epoch_totals: object = None  # _EpochTotals of the epoch in progress, when resuming inside one
     optimizer_state: tuple = None  # (tensors, param groups) of the stage in progress, when resuming
@@ -299,6 +305,7 @@ class _Stage:
     history: list = field(default_factory=list)
     parallel: distributed.DataParallel = field(default_factory=distributed.current)
     guard: NonFiniteGuard = None
+    ewc: object = None  # EWCAnchor of the earlier stages, or None
 
 
 def _regularizer(stage):
@@ -311,6 +318,9 @@ def _regularizer(stage):
     if stage.snapshot is not None and config.lambda_dc > 0:
         dc = DC_MODES[config.dc_mode](stage.layers, stage.snapshot)
         total = config.lambda_dc * dc if total is None else total + config.lambda_dc * dc
+    if stage.ewc is not None and config.lambda_ewc > 0:
+        ewc = config.lambda_ewc * ewc_penalty(stage.layers, stage.ewc)
+        total = ewc if total is None else total + ewc
     if stage.snapshot is not None and config.lambda_l2 > 0:
         l2 = config.lambda_l2 * l2_to_previous(stage.layers, stage.snapshot)
         total = l2 if total is None else total + l2
@@ -493,7 +503,8 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
         state.optimizer_state = None
     guard = NonFiniteGuard(optimizer, device, config.on_nonfinite, state.global_step,
                            reduce=parallel.sum if parallel.world > 1 else None)
-    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel, guard)
+    run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel, guard,
+                 state.ewc)
     eval_loader = _eval_loader(domain.eval, config)
     for epoch in range(state.epoch, config.epochs):
         where = {"stage": stage, "domain": domain.name, "epoch": epoch}
@@ -557,6 +568,8 @@ class _Checkpointer:
         if state.snapshot is not None:
             snapshot_tensors, snapshot_scales = snapshot_to_checkpoint(state.snapshot)
             tensors.update(snapshot_tensors)
+        if state.ewc is not None:
+            tensors.update(anchor_to_checkpoint(state.ewc))
         tensors.update(totals_tensors)
         progress = {
             "stage": state.stage, "epoch": state.epoch, "batch": state.batch, "global_step": state.global_step,
@@ -604,6 +617,7 @@ class _Checkpointer:
             if not self.parallel.is_main:  # the saved sums are the group's: rank 0 carries them on
                 totals["ce"], totals["tokens"] = torch.zeros_like(totals["ce"]), torch.zeros_like(totals["tokens"])
             state.epoch_totals = _EpochTotals(**totals, **progress["totals"])
+        state.ewc = anchor_from_checkpoint(tensors, self.device)
         state.sampler.generator.set_state(tensors["rng.rank_sampler"])
         rng_from_checkpoint(tensors)
 
@@ -678,6 +692,10 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
         state.rank_sweep.append({"stage": t, "domain": domains[t].name, "by_rank": sweep})
         if (config.lambda_dc > 0 or config.lambda_l2 > 0) and t + 1 < len(domains):
             state.snapshot = snapshot_adapters(layers)
+        if config.lambda_ewc > 0 and t + 1 < len(domains):
+            state.ewc = fisher_anchor(model, layers, domains[t].train, config.ewc_batches, config.batch_size, device,
+                                      previous=state.ewc,
+                                      autocast=autocast_context(device, resolved_dtype(config, device)))
         state.stage, state.epoch, state.batch, state.own_eval = t + 1, 0, 0, None
         if state.checkpointer is not None:
             state.checkpointer.save(state, None)

@@ -173,13 +173,16 @@ def sweep_section(results, base):
     runs = sorted((Path(results) / "defaults-sweep").glob("*/seed-*/metrics.json"))
     if not runs:
         return "No sweep committed."
+    # plain LoRA at the same size and seed, from the comparison, as the reference
+    runs += sorted((Path(results) / "default" / "compare").glob("lora_only/seed-42/metrics.json"))
     lines = ["| run | DyLoRA | scale | lambda_DC | lambda_order | lr | examples | gain A (Stage 1) | "
              "gain B (Stage 2) | forgetting A | rank 16 vs 64 on A |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in runs:
         metrics = load(path)
         config, data = metrics["config"], load(path.parent / "config.json")["data"]
         gain_a, gain_b, _, forget, gap = _gains(metrics)
-        lines.append(f"| `{path.parent.parent.name}` | {config['dylora']} | {config['scale_rule']} | "
+        name = path.parent.parent.name if "defaults-sweep" in path.parts else label(path.parent)
+        lines.append(f"| `{name}` | {config['dylora']} | {config['scale_rule']} | "
                      f"{config['lambda_dc']:g} | {config['lambda_order']:g} | {config['lr']:g} | "
                      f"{data['train_examples']}/{data['eval_examples']} | {gain_a:+.4f} | {gain_b:+.4f} | "
                      f"{forget:.4f} | {'' if gap is None else f'{gap:.4f}'} |")

@@ -1,0 +1,70 @@
+"""EWC on the adapters: the Fisher is the mean squared batch gradient, the penalty its weighted distance, and a
+large weight keeps the second stage near the first stage's adapters."""
+
+import pytest
+import torch
+
+import hybrid_lora
+from hybrid_lora.ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
+from hybrid_lora.metrics import causal_lm_loss, model_logits
+from test_trainer import rule_domain, tiny_lora_model
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+
+
+def _trained_model():
+    model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0, dropout=0.0)
+    with torch.no_grad():
+        for layer in hybrid_lora.lora_layers(model):
+            layer.lora_b.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def test_fisher_is_the_mean_squared_batch_gradient_and_the_penalty_its_weighted_distance():
+    model = _trained_model()
+    layers = hybrid_lora.lora_layers(model)
+    _, train, _ = rule_domain("plus1", 1, 12, 4, seed=1)
+    anchor = fisher_anchor(model, layers, train, batches=2, batch_size=4, device=torch.device("cpu"))
+    expected_a = torch.zeros_like(layers[0].lora_a)
+    for start in (0, 4):  # the first two batches of 4, in order
+        batch = {k: torch.stack([ex[k] for ex in train[start:start + 4]]) for k in ("input_ids", "attention_mask",
+                                                                                     "labels")}
+        grad = torch.autograd.grad(causal_lm_loss(model_logits(model, batch), batch["labels"]), layers[0].lora_a)[0]
+        expected_a += grad.square() / 2
+    torch.testing.assert_close(anchor.tensors[0][2], expected_a)
+    assert expected_a.abs().max() > 0 and layers[0].lora_a.grad is None
+    assert float(ewc_penalty(layers, anchor)) == 0.0  # at the anchor
+    with torch.no_grad():
+        layers[0].lora_a.add_(0.5)
+    torch.testing.assert_close(ewc_penalty(layers, anchor), 0.25 * expected_a.sum())
+    layers[0].truncate_(2)  # after a rank cut, the kept components only
+    for layer in layers[1:]:
+        layer.truncate_(2)
+    torch.testing.assert_close(ewc_penalty(layers, anchor), 0.25 * expected_a[:, :2].sum())
+    restored = anchor_from_checkpoint(anchor_to_checkpoint(anchor), torch.device("cpu"))
+    for got, want in zip(restored.tensors, anchor.tensors):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="batches=0"):
+        fisher_anchor(model, layers, train, batches=0, batch_size=4, device=torch.device("cpu"))
+
+
+def test_ewc_variant_keeps_the_second_stage_near_the_first_adapters():
+    from hybrid_lora.trainer import run_continual, variant_config
+
+    domains = [rule_domain("plus1", 1, 32, 8, seed=1), rule_domain("plus5", 5, 32, 8, seed=2)]
+    moved = {}
+    for lam in (0.0, 1e6):
+        model = tiny_lora_model(r_max=4, alpha=4.0, model_dropout=0.0)
+        layers = hybrid_lora.lora_layers(model)
+        config = variant_config("ewc", r_max=4, alpha=4.0, epochs=2, lr=3e-2, lora_dropout=0.0, lambda_ewc=lam,
+                                ewc_batches=2, sweep_ranks=(), log_every=0)
+        stage_one = []
+        run_continual(model, domains, config, log=lambda row: stage_one.append(
+            [layer.lora_b.detach().clone() for layer in layers]) if row.get("stage") == 0 else None)
+        after_one = stage_one[-1]
+        moved[lam] = sum(float((layer.lora_b - b).square().sum()) for layer, b in zip(layers, after_one))
+    assert moved[1e6] < 0.25 * moved[0.0]
