@@ -87,7 +87,8 @@ def _add_training(parser, variant_flag):
     if variant_flag:
         parser.add_argument("--variant", choices=tuple(VARIANTS), default="hybrid",
                             help="lora_only, dy_only (DyLoRA), dc_only (domain correlation), hybrid (both); "
-                                 "baselines: l2 (L2 toward the previous adapter), ewc (EWC on the adapters); "
+                                 "baselines: l2 (L2 toward the previous adapter), ewc (EWC on the adapters), "
+                                 "replay (2 %% of earlier domains' examples: stores old data); "
                                  "default: %(default)s")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="one run per seed (default: 42 for train, 42 43 44 for compare)")
@@ -133,6 +134,9 @@ def _add_training(parser, variant_flag):
                          "else 0)")
     hp.add_argument("--lambda-ewc", type=float, default=None,
                     help="weight of EWC on the adapters (default: the variant's; 1e4 for ewc, else 0)")
+    hp.add_argument("--replay-fraction", type=float, default=None,
+                    help="also train each stage on this fraction of every earlier domain's examples: a reference "
+                         "that stores old data (default: the variant's; 0.02 for replay, else 0)")
     hp.add_argument("--dc-mode", choices=("delta", "weights"), default=_default("dc_mode"),
                     help="L_DC over the update matrices or the rank-aligned factors (%(default)s)")
     hp.add_argument("--dylora", choices=DYLORA_MODES, default=None,
@@ -170,7 +174,8 @@ def build_parser():
     _add_runtime(train)
 
     compare = commands.add_parser("compare", help="several variants over several seeds; mean ± std table")
-    compare.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    compare.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["lora_only", "dc_only", "hybrid"],
+                         help="(default: %(default)s)")
     compare.add_argument("--gpus", nargs="*", default=None, metavar="ID",
                          help="run the (variant, seed) runs side by side, one process per GPU id given (no id: "
                               "every visible GPU), each a train command with its log in OUT/logs")
@@ -274,8 +279,8 @@ def _overrides(args):
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
         "device": "" if args.device == "auto" else args.device,
     }
-    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "lambda_l2", "lambda_ewc", "dylora",
-                 "rank_schedule"):
+    for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "lambda_l2", "lambda_ewc",
+                 "replay_fraction", "dylora", "rank_schedule"):
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = tuple(value) if flag == "rank_schedule" else value

@@ -54,6 +54,7 @@ from .metrics import backward_transfer, evaluate, final_minus_own, model_logits,
 from .models import load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .presets import base_lr, preset_fields
+from .replay import with_replay
 from .regularizers import DC_MODES, l2_to_previous, order_penalty, snapshot_adapters
 from .scaling import SCALE_RULES
 
@@ -68,7 +69,7 @@ class TrainConfig:
     #                                      regular expression over whole names (peft's target_modules rule)
     r_max: int = 64  # adapter width at the start of training
     alpha: float = 32.0  # LoRA scale at the active rank r: see scale_rule
-    scale_rule: str = "fixed"  # "alpha/r" (the original's), "rslora" (alpha / sqrt r) or "fixed" (alpha / r_max)
+    scale_rule: str = "rslora"  # "alpha/r" (the original's), "rslora" (alpha / sqrt r) or "fixed" (alpha / r_max)
     lora_dropout: float = 0.05  # dropout on the adapter's input, training only
     # optimisation (AdamW, constant learning rate, no clipping)
     batch_size: int = 8  # examples per micro-batch
@@ -83,6 +84,8 @@ class TrainConfig:
     lambda_l2: float = 0.0  # weight of ||delta_W - delta_W of the previous stage||^2 (a baseline); 0 turns it off
     lambda_ewc: float = 0.0  # weight of EWC on the adapters (a baseline, see ewc); 0 turns it off
     ewc_batches: int = 32  # batches of the previous domain the EWC Fisher is estimated from
+    replay_fraction: float = 0.0  # train each stage also on this fraction of every earlier domain (a reference
+    #                               that stores old data, unlike the method); 0 turns it off
     dc_mode: str = "delta"  # L_DC over the update matrices ("delta") or the rank-aligned factors ("weights")
     dylora: str = "nested"  # rank per step: "off", "frozen" (official DyLoRA), "full", "nested" (r, r/2, r/4)
     rank_schedule: tuple = None  # rank per epoch of every stage after the first; () keeps r_max; None halves
@@ -124,6 +127,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.alpha={self.alpha!r}; expected a finite number > 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr={self.lr!r}; expected a finite number > 0")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"TrainConfig.replay_fraction={self.replay_fraction!r}; expected a fraction in [0, 1)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TrainConfig.lora_dropout={self.lora_dropout!r}; expected a probability in [0, 1)")
         for name in ("weight_decay", "lambda_order", "lambda_dc", "lambda_l2", "lambda_ewc"):
@@ -155,6 +160,7 @@ VARIANTS = {
     "hybrid": {},
     "l2": {**_NO_DYLORA, "lambda_dc": 0.0, "lambda_l2": 1.0},  # baseline: L2 toward the previous adapter
     "ewc": {**_NO_DYLORA, "lambda_dc": 0.0, "lambda_ewc": 1e4},  # baseline: EWC on the adapters
+    "replay": {**_NO_DYLORA, "lambda_dc": 0.0, "replay_fraction": 0.02},  # reference: stores 2 % of old data
 }
 
 
@@ -654,6 +660,8 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
     domains = [_as_domain(d) for d in domains]
     if not domains:
         raise ValueError("run_continual: no domains given; expected at least one Domain")
+    if config.replay_fraction > 0:
+        domains = [Domain(*d) for d in with_replay(domains, config.replay_fraction, config.seed)]
     layers = lora_layers(model)
     if not layers:
         raise ValueError("run_continual: the model holds no LoRAConv1D; inject adapters first (load_model)")

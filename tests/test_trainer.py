@@ -89,7 +89,7 @@ def test_defaults_are_the_measured_method_the_original_is_a_preset_and_variants_
     assert (config.model_name, config.r_max, config.alpha, config.lora_dropout) == ("gpt2", 64, 32.0, 0.05)
     assert (config.batch_size, config.epochs, config.lr, config.weight_decay) == (8, 3, 5e-5, 0.01)
     assert (config.lambda_order, config.lambda_dc, config.rank_schedule) == (1e-4, 0.1, (64, 32, 16))
-    assert (config.seed, config.dylora, config.scale_rule) == (42, "nested", "fixed")
+    assert (config.seed, config.dylora, config.scale_rule) == (42, "nested", "rslora")
     assert TrainConfig(model_name="embedded").lr == 1e-3  # the embedded base's own rate
     assert TrainConfig(model_name="embedded", lr=2e-4).lr == 2e-4
     original = variant_config("hybrid", preset="original", model_name="embedded")

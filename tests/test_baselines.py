@@ -1,5 +1,6 @@
-"""EWC on the adapters: the Fisher is the mean squared batch gradient, the penalty its weighted distance, and a
-large weight keeps the second stage near the first stage's adapters."""
+"""The baselines' own parts. EWC: the Fisher is the mean squared batch gradient, the penalty its weighted
+distance, and a large weight keeps the second stage near the first stage's adapters. Replay: a fixed small
+sample of each earlier domain joins every later stage. (L2: tests/test_regularizers.py, test_trainer.py.)"""
 
 import pytest
 import torch
@@ -68,3 +69,21 @@ def test_ewc_variant_keeps_the_second_stage_near_the_first_adapters():
         after_one = stage_one[-1]
         moved[lam] = sum(float((layer.lora_b - b).square().sum()) for layer, b in zip(layers, after_one))
     assert moved[1e6] < 0.25 * moved[0.0]
+
+
+def test_replay_adds_the_same_small_sample_of_every_earlier_domain_and_leaves_eval_alone():
+    from hybrid_lora.replay import replay_sample, with_replay
+    from hybrid_lora.trainer import variant_config
+
+    domains = [(f"d{i}", [{"id": (i, j)} for j in range(200)], [{"id": ("eval", i)}]) for i in range(3)]
+    out = with_replay(domains, 0.02, seed=7)
+    assert [len(train) for _, train, _ in out] == [200, 204, 208]
+    assert out[1][1][:200] == domains[1][1] and all(ex["id"][0] == 0 for ex in out[1][1][200:])
+    assert out[2][1][200:204] == out[1][1][200:]  # the same examples of domain 0 at every later stage
+    assert {ex["id"][0] for ex in out[2][1][204:]} == {1}
+    assert [ev for _, _, ev in out] == [ev for _, _, ev in domains]
+    assert replay_sample(200, 0.02, 7, 0) != replay_sample(200, 0.02, 8, 0)
+    assert with_replay(domains, 0.0, seed=7) == [(n, list(t), e) for n, t, e in domains]
+    with pytest.raises(ValueError, match="replay fraction 1.5"):
+        with_replay(domains, 1.5, seed=7)
+    assert variant_config("replay").replay_fraction == 0.02 and variant_config("hybrid").replay_fraction == 0.0
