@@ -37,7 +37,8 @@ def test_committed_runs_record_no_absolute_path():
         assert not bad, f"{path.relative_to(ROOT)} records machine paths: {bad[:3]}"
         for key in ("train_config", "config"):
             if isinstance(data.get(key), dict) and "model_name" in data[key]:
-                assert data[key]["model_name"] in ("embedded", "gpt2") or not Path(data[key]["model_name"]).is_absolute()
+                name = data[key]["model_name"]
+                assert name in ("embedded", "gpt2") or not Path(name).is_absolute(), f"{path}: model {name!r}"
 
 
 def _results_table():
