@@ -7,8 +7,9 @@ Stage t trains the adapters on domain t for ``epochs`` epochs, minimising
 where CE is the next-token loss, L_order the ordering penalty at the active
 rank and L_DC = 1 - cos(delta_W of stage t-1, delta_W now) (absent in the
 first stage). Every stage after the first cuts the rank at the start of each
-epoch as ``rank_schedule`` says; with ``dylora`` on, each step trains a rank
-drawn from 1..r (see ``dynamic_rank``). After each epoch the current domain
+epoch as ``rank_schedule`` says; with ``dylora`` on, each step trains at a rank
+drawn as its mode says (see ``dynamic_rank``). The baselines' terms (L2 toward
+the previous adapter, EWC) and replay are weighed in by their own fields. After each epoch the current domain
 is evaluated; after each stage, every domain, which fills the matrices
 accuracy[t][i] and loss[t][i] that retention and backward transfer are read from.
 
@@ -80,7 +81,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that step (``nonfinite``)
     # the continual method
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
-    lambda_dc: float = 0.1  # weight of the domain-correlation loss, stages after the first; 0 turns it off
+    lambda_dc: float = 0.2  # weight of the domain-correlation loss, stages after the first; 0 turns it off
     lambda_l2: float = 0.0  # weight of ||delta_W - delta_W of the previous stage||^2 (a baseline); 0 turns it off
     lambda_ewc: float = 0.0  # weight of EWC on the adapters (a baseline, see ewc); 0 turns it off
     ewc_batches: int = 32  # batches of the previous domain the EWC Fisher is estimated from

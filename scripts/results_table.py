@@ -133,6 +133,14 @@ def _spread(compare_dir, variant):
     return max(values) - min(values), len(values)
 
 
+def cpu_seconds(path):
+    """User + system seconds from a `/usr/bin/time -v` report, or None if there is none."""
+    if not Path(path).is_file():
+        return None
+    fields = dict(line.strip().split(": ", 1) for line in Path(path).read_text().splitlines() if ": " in line)
+    return float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
+
+
 def conditions_section(results, base):
     """The plain default run against lora_only, condition by condition."""
     root = Path(results) / "default"
@@ -154,17 +162,24 @@ def conditions_section(results, base):
         f">= {0.8 * theirs[2]:+.4f} (80 %)", ours[2] >= 0.8 * theirs[2])
     compare_dir = root / "compare"
     if (compare_dir / "summary.json").is_file():
-        spreads = {v: _spread(compare_dir, v) for v in ("hybrid", "lora_only")}
+        variants = load(compare_dir / "summary.json")["table"]
+        spreads = {v: _spread(compare_dir, v) for v in ("hybrid", "lora_only") if v in variants}
         spread = max(s for s, _ in spreads.values())
         seeds = min(n for _, n in spreads.values())
-        row(f"forgetting of A (accuracy lost in Stage 2); spread = largest max - min over {seeds} seeds in "
-            f"`{label(compare_dir)}`", f"{ours[3]:.4f}", f"{theirs[3]:.4f}", f"< {theirs[3] - spread:.4f} "
+        row(f"forgetting of A (accuracy lost in Stage 2); spread = largest max - min over {seeds} seeds of "
+            f"{' and '.join(sorted(spreads))} in `{label(compare_dir)}`", f"{ours[3]:.4f}", f"{theirs[3]:.4f}", f"< {theirs[3] - spread:.4f} "
             f"(lora_only minus spread {spread:.4f})", ours[3] < theirs[3] - spread)
     if ours[4] is not None:
         row("after Stage 1, |acc at rank 16 - acc at rank 64| on A", f"{ours[4]:.4f}",
             f"{theirs[4]:.4f}" if theirs[4] is not None else "", "<= 0.005", ours[4] <= 0.005)
     rows.append("")
     rows.append(f"Runs: `{label(ours_dir)}` and `{label(theirs_dir)}`.")
+    for run_dir in (ours_dir, theirs_dir):
+        cpu = cpu_seconds(run_dir.parent / "cpu-time.txt")
+        if cpu is not None:
+            rows.append(f"`{label(run_dir.parent)}`: {load(run_dir / 'metrics.json')['wall_seconds'] / 60:.1f} min "
+                        f"wall on a shared machine, {cpu / 60:.1f} min of CPU time (user + system, "
+                        f"`{label(run_dir.parent / 'cpu-time.txt')}`, from `/usr/bin/time -v`).")
     return "\n".join(rows)
 
 

@@ -137,9 +137,22 @@ def test_compare_writes_a_mean_and_std_table(tmp_path, monkeypatch, capsys):
         cell = summary["table"][variant]["forgetting"]
         expected = mean_std([one["summary"]["forgetting"], two["summary"]["forgetting"]])
         assert cell["mean"] == pytest.approx(expected["mean"]) and cell["std"] == pytest.approx(expected["std"])
-    assert runs["lora_only"][0]["config"]["lambda_dc"] == 0.0 and runs["hybrid"][0]["config"]["lambda_dc"] == 0.1
+    assert runs["lora_only"][0]["config"]["lambda_dc"] == 0.0 and runs["hybrid"][0]["config"]["lambda_dc"] == 0.2
     table = (out / "summary.md").read_text()
     assert "| lora_only | 2 |" in table and "| hybrid | 2 |" in table and " ± " in table
+
+
+def test_preset_original_runs_the_original_settings_and_a_given_flag_wins(tmp_path):
+    out = tmp_path / "original"
+    assert main(["train", *TINY, "--epochs", "1", "--preset", "original", "--lambda-dc", "0.5", "--sweep-ranks",
+                 "--no-plots", "--out", str(out)]) == 0
+    config = json.loads((out / "seed-42" / "config.json").read_text())
+    train_config = config["train_config"]
+    assert config["preset"] == "original"
+    assert (train_config["dylora"], train_config["scale_rule"], train_config["lr"]) == ("frozen", "alpha/r", 5e-5)
+    assert train_config["lambda_order"] == 1e-4 and train_config["lambda_dc"] == 0.5
+    metrics = json.loads((out / "seed-42" / "metrics.json").read_text())
+    assert metrics["history"][-1]["domain_correlation"] is not None  # the three-term loss ran in Stage 2
 
 
 @pytest.mark.parametrize("argv, message", [
