@@ -104,7 +104,7 @@ def test_defaults_are_the_measured_method_the_original_is_a_preset_and_variants_
     assert (dc_only.lambda_order, dc_only.lambda_dc, dc_only.dylora) == (0, 0.2, "off")
     assert variant_config("dy_only").lambda_dc == 0 and variant_config("dy_only").rank_schedule == (64, 32, 16)
     assert variant_config("hybrid", lr=1e-3).lr == 1e-3
-    assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid", "l2"}
+    assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid", "l2", "ewc", "replay"}
     with pytest.raises(ValueError, match="unknown variant 'dylora'"):
         variant_config("dylora")
     with pytest.raises(ValueError, match="scale_rule='sqrt'; expected one of"):
@@ -273,7 +273,9 @@ def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path)
     model = load_model(TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0, device="cpu"))
     layers = hybrid_lora.lora_layers(model)
-    assert len(layers) == LAYERS and all(layer.r_max == 4 and layer.scale == 2.0 for layer in layers)
+    # the default rule is rsLoRA's alpha / sqrt(r): 8 / 2
+    assert len(layers) == LAYERS and all(layer.r_max == 4 and layer.scale == 4.0 for layer in layers)
+    assert all(layer.scale_rule == "rslora" for layer in layers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == LAYERS * 4 * (WIDTH + 3 * WIDTH)
     assert next(model.parameters()).device == torch.device("cpu")
