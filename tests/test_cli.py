@@ -116,7 +116,7 @@ def test_resume_keeps_a_finished_run(trained_run, capsys):
     assert "finished earlier, kept" in capsys.readouterr().out
     assert metrics.stat().st_mtime_ns == before
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", *TINY, "--lr", "1e-3", "--out", str(trained_run.parent), "--resume", "--no-plots"])
+        main(["train", *TINY, "--lr", "2e-3", "--out", str(trained_run.parent), "--resume", "--no-plots"])
     assert exit_info.value.code == 2
     assert "was trained with other settings (lr)" in capsys.readouterr().err
     assert metrics.stat().st_mtime_ns == before
