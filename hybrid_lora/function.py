@@ -1,14 +1,20 @@
-"""``fused_lora``: the public op, its input checks, and the autograd Function over the kernels.
+"""``fused_lora``: the public op, its input checks, and the custom ops over the kernels.
 
     y = x W + b + s * dropout(x) A[:, :r] B[:r, :]
 
 with x [..., K], W [K, N] frozen (``transformers`` Conv1D layout), b [N] or None,
 A [K, R], B [R, N] and the active rank 1 <= r <= R given at run time. The op
 is differentiable in x, A and B; W and b get no gradient.
+
+The rank r, the scale s and the dropout seed may be 0-d device tensors (a
+layer keeps them as buffers): then nothing about the call depends on their
+values on the host, and one compiled graph, and one CUDA graph, serves every
+rank, scale and seed. Python numbers are accepted too and converted.
 """
 
 import math
 import operator
+from typing import Optional
 
 import torch
 
@@ -18,49 +24,110 @@ from .backend import forced_backend, select_backend
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The kernels accumulate in fp32, so fp64 runs on the PyTorch path.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-class FusedLoRAFunction(torch.autograd.Function):
-    """Autograd over the Triton kernels. Saves X and S = D(X) A_r; the dropout mask is regenerated."""
+@torch.library.custom_op("hybrid_lora::fused_lora_forward", mutates_args=())
+def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       lora_a: torch.Tensor, lora_b: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
+                       seed: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y [M, N], S [M, R]) of the fused forward kernels; S = s D(X) A_r, zero past the rank, kept for backward.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
-        from .kernels import lora_forward
+    x: [M, K]; rank, scale, seed: 0-d tensors on x's device, read by the kernels.
 
-        y, s_down = lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
-        ctx.save_for_backward(x, s_down, weight, lora_a, lora_b)
-        ctx.rank, ctx.scale, ctx.dropout_p, ctx.seed = rank, scale, dropout_p, seed
-        return y
+    Why ``torch.library.custom_op`` and not ``torch.library.triton_op``: a
+    custom op is opaque to torch.compile, which calls it through its fake
+    implementation (shapes from x, weight and the adapter width R only) and
+    its registered autograd, so it joins a ``fullgraph=True`` graph under
+    every backend, and it runs, and is tested in CI, under the Triton CPU
+    interpreter. ``triton_op`` would let Inductor see into the kernels, but
+    its compile path cannot run under the interpreter (pytorch#152868), and
+    these kernels are GEMMs Inductor would not fuse into anyway: the gain
+    would be a launch wrapper, the cost untested code. Inductor also passes
+    Python floats to kernels it launches as fp64; here the scale is an fp32
+    device tensor and the kernels convert every float they load to fp32.
+    """
+    from .kernels import lora_forward
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        from .kernels import lora_backward
+    return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
 
-        x, s_down, weight, lora_a, lora_b = ctx.saved_tensors
-        needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
-        grad_x, grad_a, grad_b = lora_backward(
-            grad_y, x, s_down, weight, lora_a, lora_b, ctx.rank, ctx.scale, ctx.dropout_p, ctx.seed,
-            needs_grad_x=needs_x, needs_grad_a=needs_a, needs_grad_b=needs_b,
-        )
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+@fused_lora_forward.register_fake
+def _forward_fake(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p):
+    return x.new_empty((x.shape[0], weight.shape[1])), x.new_empty((x.shape[0], lora_a.shape[1]))
+
+
+@torch.library.custom_op("hybrid_lora::fused_lora_backward", mutates_args=())
+def fused_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, s_down: torch.Tensor, weight: torch.Tensor,
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
+                        seed: torch.Tensor, dropout_p: float, needs_grad_x: bool, needs_grad_a: bool,
+                        needs_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [M, K], dA [K, R], dB [R, N]) of the backward kernels; dA and dB are zero past the rank.
+
+    A gradient not asked for comes back as an empty [0] tensor (an op returns no None).
+    """
+    from .kernels import lora_backward
+
+    grads = lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
+                          needs_grad_x=needs_grad_x, needs_grad_a=needs_grad_a, needs_grad_b=needs_grad_b)
+    return tuple(g if g is not None else like.new_empty((0,)) for g, like in zip(grads, (x, lora_a, lora_b)))
+
+
+@fused_lora_backward.register_fake
+def _backward_fake(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, seed, dropout_p,
+                   needs_grad_x, needs_grad_a, needs_grad_b):
+    return tuple(like.new_empty(like.shape if needed else (0,))
+                 for like, needed in ((x, needs_grad_x), (lora_a, needs_grad_a), (lora_b, needs_grad_b)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p = inputs
+    _, s_down = output
+    # X and S are saved; the dropout mask is regenerated from the seed.
+    ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(s_down)
+
+
+def _backward(ctx, grad_y, grad_s):
+    x, s_down, weight, lora_a, lora_b, rank, scale, seed = ctx.saved_tensors
+    needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
+    grad_x, grad_a, grad_b = fused_lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, seed,
+                                                 ctx.dropout_p, needs_x, needs_a, needs_b)
+    return (grad_x if needs_x else None, None, None, grad_a if needs_a else None, grad_b if needs_b else None,
+            None, None, None, None)
+
+
+fused_lora_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
-    """The same op composed of PyTorch ops (autograd does the backward); dropout from torch's RNG."""
-    keep = None
-    if dropout_p > 0.0:
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=x.device).manual_seed(seed)
-        keep = torch.rand(x.shape, generator=generator, device=x.device) >= dropout_p
-    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    y, _ = reference.lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, keep, dropout_p)
+    """The same op composed of PyTorch ops (autograd does the backward); rank, scale, seed are device tensors.
+
+    Nothing is sliced by the rank: the columns of A at or past it are masked
+    to zero (``arange(R) < rank``), which gives S and the gradients of A and B
+    zeros there, as the slice would. The dropout mask is the kernels' Philox
+    mask (``reference.philox_keep_mask``), computed from the seed tensor on
+    the device, so no generator object and no host read enters a graph, and
+    both paths drop the same elements for the same seed.
+    """
+    keep = reference.philox_keep_mask(seed, x.shape[0], x.shape[1], dropout_p) if dropout_p > 0.0 else None
+    active = torch.arange(lora_a.shape[1], device=x.device) < rank
+    lora_a = torch.where(active, lora_a.to(x.dtype), 0.0)
+    y, _ = reference.lora_forward(x, weight, bias, lora_a, lora_b.to(x.dtype), lora_a.shape[1],
+                                  scale.to(x.dtype), keep, dropout_p)
     return y
 
 
 def _check(name, ok, expected, got):
     if not ok:
         raise ValueError(f"fused_lora: {name} {got}; expected {expected}")
+
+
+def _check_scalar_tensor(name, value, dtypes, device):
+    _check(f"{name} has shape", value.dim() == 0, "() (a 0-d tensor)", tuple(value.shape))
+    _check(f"{name} has dtype", value.dtype in dtypes, f"one of {dtypes}", value.dtype)
+    _check(f"{name} is on", value.device == device, f"x's device {device}", value.device)
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
@@ -86,11 +153,26 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
     _check("lora_b has shape", tuple(lora_b.shape) == (r_max, out_features),
            f"({r_max}, {out_features}) to match lora_a and weight", tuple(lora_b.shape))
     _check("lora_b has dtype", lora_b.dtype == lora_a.dtype, f"lora_a's dtype {lora_a.dtype}", lora_b.dtype)
-    _check("rank is", 1 <= rank <= r_max, f"an integer in [1, {r_max}] (r_max of lora_a)", rank)
-    _check("scale is", math.isfinite(scale), "a finite number", scale)
+    # Device tensors are checked for shape, dtype and device only: reading their
+    # values would stop the host (and break a compiled graph). Their owner (the
+    # layer) checks the values when it writes them.
+    if isinstance(rank, torch.Tensor):
+        _check_scalar_tensor("rank", rank, _INT_DTYPES, x.device)
+    else:
+        _check("rank is", 1 <= rank <= r_max, f"an integer in [1, {r_max}] (r_max of lora_a)", rank)
+    if isinstance(scale, torch.Tensor):
+        _check_scalar_tensor("scale", scale, _FLOAT_DTYPES, x.device)
+    else:
+        _check("scale is", math.isfinite(scale), "a finite number", scale)
     _check("dropout_p is", 0.0 <= dropout_p < 1.0, "in [0, 1)", dropout_p)
-    if seed is not None:
+    if isinstance(seed, torch.Tensor):
+        _check_scalar_tensor("seed", seed, _INT_DTYPES, x.device)
+    elif seed is not None:
         _check("seed is", 0 <= seed < 2**63, "an integer in [0, 2**63)", seed)
+
+
+def _as_int_or_tensor(value):
+    return value if isinstance(value, torch.Tensor) else operator.index(value)
 
 
 def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, seed=None):
@@ -100,31 +182,39 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
         x: [..., K] input, any strides.
         weight: [K, N] frozen weight (Conv1D layout); bias: [N] or None.
         lora_a: [K, R]; lora_b: [R, N]. They may be fp32 while x is bf16 or fp16.
-        rank: active rank, 1 <= rank <= R. Changing it never recompiles within
-            a power-of-two bucket.
-        scale: the LoRA scale, usually alpha / rank.
+        rank: active rank, 1 <= rank <= R: an int, or a 0-d integer tensor on
+            x's device (its value is then not checked, to keep the host out).
+            Nothing is recompiled for a new rank: shapes follow R only.
+        scale: the LoRA scale, usually alpha / rank: a float or a 0-d float
+            tensor on x's device (read as fp32 by the kernels).
         dropout_p: LoRA dropout on x, in [0, 1). Pass 0 in evaluation.
-        seed: seed of the dropout mask; drawn from torch's CPU generator when None.
+        seed: seed of the dropout mask: an int in [0, 2**63), a 0-d integer
+            tensor on x's device, or None to draw one from torch's CPU generator.
 
     Under ``torch.autocast``, x, W and b are cast to the autocast dtype; A and B
     keep their dtype and their gradients come back in it.
     Runs the Triton kernels on CUDA (or the CPU with ``TRITON_INTERPRET=1``)
     for fp16, bf16 and fp32, else the PyTorch path (fp64 always takes it);
-    ``HYBRID_LORA_BACKEND`` forces one.
+    ``HYBRID_LORA_BACKEND`` forces one. Both compile with ``torch.compile(fullgraph=True)``.
     """
-    rank = operator.index(rank)
-    scale, dropout_p = float(scale), float(dropout_p)
+    rank = _as_int_or_tensor(rank)
+    scale = scale if isinstance(scale, torch.Tensor) else float(scale)
+    dropout_p = float(dropout_p)
     if seed is not None:
-        seed = operator.index(seed)
+        seed = _as_int_or_tensor(seed)
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if seed is None:
+        seed = torch.randint(0, 2**31 - 1, ()) if dropout_p > 0.0 else 0
+    device = x.device
+    rank = torch.as_tensor(rank, dtype=torch.int64, device=device)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
 
-    backend = select_backend(x.device)
+    backend = select_backend(device)
     if backend == "triton" and x.dtype not in _TRITON_DTYPES:
         if forced_backend() == "triton":
             raise ValueError(f"fused_lora: HYBRID_LORA_BACKEND=triton but x has dtype {x.dtype}; "
@@ -133,9 +223,9 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
 
     out_shape = x.shape[:-1] + (weight.shape[1],)
     x2d = x.reshape(-1, x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False):
         if backend == "triton":
-            y = FusedLoRAFunction.apply(x2d, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
+            y, _ = fused_lora_forward(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
         else:
             y = _torch_path(x2d, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
     return y.reshape(out_shape)

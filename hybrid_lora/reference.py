@@ -54,3 +54,46 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, rank, scale, keep_mask=None
 def merged_weight(weight, lora_a, lora_b, rank, scale):
     """W + s A[:, :r] B[:r, :]: the frozen weight with the adapter folded in."""
     return weight + scale * lora_a[:, :rank] @ lora_b[:rank]
+
+
+# Philox4x32-10 (Salmon et al., SC 2011) in int64 torch ops, as Triton's
+# tl.randint4x computes it: counter (c, 0, 0, 0), key (seed low, seed high).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a, b):
+    """(high, low) 32-bit halves of a * b for a uint32-valued int64 tensor and a uint32 constant b.
+
+    b is split in 16-bit halves so that no partial product leaves int64.
+    """
+    low_part = a * (b & 0xFFFF)  # < 2**48
+    high_part = a * (b >> 16)  # < 2**48; the product is high_part * 2**16 + low_part
+    low_sum = low_part + ((high_part & 0xFFFF) << 16)
+    return (high_part >> 16) + (low_sum >> 32), low_sum & _U32
+
+
+def philox_keep_mask(seed, M, K, dropout_p):
+    """The [M, K] bool keep mask of ``kernels.dropout`` for `seed` (an int or a 0-d integer tensor).
+
+    Element (m, k) is kept when word k % 4 of Philox4x32-10 at counter
+    m * ceil(K / 4) + k // 4 (mod 2**32), keyed by the seed, is >= round(p * 2**32).
+    A seed tensor is never read on the host: the mask is a function of the
+    device value, so it serves a compiled graph.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    device = seed.device
+    quads = (K + 3) // 4
+    counter = (torch.arange(M, dtype=torch.int64, device=device)[:, None] * quads
+               + torch.arange(quads, dtype=torch.int64, device=device)[None, :]) & _U32
+    c0, c1, c2, c3 = counter, torch.zeros_like(counter), torch.zeros_like(counter), torch.zeros_like(counter)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo32(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    words = torch.stack((c0, c1, c2, c3), dim=-1).reshape(M, 4 * quads)[:, :K]
+    threshold = min(2**32 - 1, round(dropout_p * 2**32))
+    return words >= threshold

@@ -2,11 +2,15 @@
 
 With S = s D(X) A_r saved by the forward (scale included), Y = X W + b + S B_r
 and upstream gradient dY:
-    dS = s dY B_r^T                      [M, r]   ``skinny.skinny_product``
+    dS = s dY B_r^T                      [M, R]   ``skinny.skinny_product``
     dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
-    dA_r = D(X)^T dS                     [K, r]   ``_lora_grad_weight_kernel``
-    dB_r = S^T dY                        [r, N]   ``_lora_grad_weight_kernel``
+    dA_r = D(X)^T dS                     [K, R]   ``_lora_grad_weight_kernel``
+    dB_r = S^T dY                        [R, N]   ``_lora_grad_weight_kernel``
 (dS is the gradient with respect to the unscaled product D(X) A_r).
+S and dS are stored [M, R] with zeros in the columns past the active rank
+(read, like the scale and the seed, from 0-d device tensors), so dA and dB
+come out [K, R] and [R, N] with zeros past the rank, as autograd gives for the
+sliced adapter, and no shape or grid depends on the rank.
 where D^T(G) = G * keep / (1 - p) applies the same regenerated dropout mask.
 dA and dB reduce over all M rows; they are split over row chunks into fp32
 partial sums (deterministic, no atomics) so that enough programs run.
@@ -18,19 +22,19 @@ import triton.language as tl
 
 from .configs import gemm_configs, limit_tile_per_thread, rank_block, weight_grad_configs
 from .dropout import drop_threshold, keep_mask
-from .skinny import dot_precision, skinny_product
+from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import grouped_tile
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread(
                      "BLOCK_M", "BLOCK_N", only_with_dropout=False)})
-@triton.jit(do_not_specialize=["rank", "seed", "stride_dsm"])
+@triton.jit
 def _fused_grad_x_kernel(
     # pointers
-    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, rank_ptr, seed_ptr,
     # sizes and scalars
-    M, N, K, rank, seed, threshold, keep_scale,
+    M, N, K, threshold, keep_scale,
     # strides
     stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr,
     stride_ak, stride_ar, stride_dxm, stride_dxk,
@@ -40,7 +44,8 @@ def _fused_grad_x_kernel(
 ):
     """dX = dY W^T + D^T(dS A[:, :rank]^T).
 
-    dY: [M, N], W: [K, N], dS: [M, rank], A: [K, R], dX: [M, K]. The output
+    dY: [M, N], W: [K, N], dS: [M, R], A: [K, R], dX: [M, K]; rank and seed
+    are 0-d device tensors. The output
     tile is BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),), grouped by GROUP_M row tiles.
     """
@@ -55,6 +60,7 @@ def _fused_grad_x_kernel(
     # masking it before the main reduction needs one accumulator, not two, and
     # the Philox registers are free again before the long loop starts.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rank = tl.load(rank_ptr).to(tl.int32)
     for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):  # short: not pipelined
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
@@ -64,7 +70,8 @@ def _fused_grad_x_kernel(
                       mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
         acc = tl.dot(ds, a_t, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        acc = tl.where(keep_mask(seed, rows, pid_k * BLOCK_N, K, threshold, BLOCK_N), acc * keep_scale, 0.0)
+        acc = tl.where(keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_N, K, threshold, BLOCK_N),
+                       acc * tl.to_tensor(keep_scale).to(tl.float32), 0.0)
 
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
@@ -80,26 +87,27 @@ def _fused_grad_x_kernel(
 
 @triton.autotune(configs=weight_grad_configs(), key=["M", "C", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_C")})
-@triton.jit(do_not_specialize=["rank", "seed", "stride_gm", "stride_os", "stride_oc"])
+@triton.jit
 def _lora_grad_weight_kernel(
     # pointers
-    u_ptr, g_ptr, out_ptr,
+    u_ptr, g_ptr, out_ptr, rank_ptr, seed_ptr,
     # sizes and scalars
-    M, C, rank, rows_per_split, seed, threshold, scale,
+    M, C, R, rows_per_split, threshold, scale,
     # strides
     stride_um, stride_uc, stride_gm, stride_gr, stride_os, stride_oc, stride_or,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Partial[split, c, j] = scale * sum_{m in split} D(U)[m, c] G[m, j] for j < rank.
+    """Partial[split, c, j] = scale * sum_{m in split} D(U)[m, c] G[m, j] for j < rank, 0 for rank <= j < R.
 
     One kernel serves both adapter gradients:
-      dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, rank], dropout on U;
-      dB_r^T = dY^T S       with U = dY [M, N] (C = N), G = S  [M, rank] (scaled), no dropout.
+      dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, R], dropout on U;
+      dB_r^T = dY^T S       with U = dY [M, N] (C = N), G = S  [M, R] (scaled), no dropout.
     Row split `split` covers rows [split * rows_per_split, (split + 1) * rows_per_split).
-    Output: fp32 partial sums [SPLITS, C, rank] (strided), summed by the launcher.
-    Grid: (cdiv(C, BLOCK_C), cdiv(rank, BLOCK_R), SPLITS).
+    rank and seed are 0-d device tensors; scale is a number (1 / (1 - p) or 1).
+    Output: fp32 partial sums [SPLITS, C, R] (strided), summed by the launcher.
+    Grid: (cdiv(C, BLOCK_C), cdiv(R, BLOCK_R), SPLITS).
     """
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -107,9 +115,11 @@ def _lora_grad_weight_kernel(
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     c_ok = cs < C
+    rank = tl.load(rank_ptr).to(tl.int32)
     rank_ok = ranks < rank
     row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, M)
+    # A rank tile wholly past the active rank only writes its zeros.
+    row_end = tl.where(pid_r * BLOCK_R < rank, tl.minimum(row_start + rows_per_split, M), row_start)
 
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -118,13 +128,13 @@ def _lora_grad_weight_kernel(
         u = tl.load(u_ptr + rows[:, None] * stride_um + cs[None, :] * stride_uc,
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            u = tl.where(keep_mask(seed, rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), u, 0.0)
+            u = tl.where(keep_mask(tl.load(seed_ptr), rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), u, 0.0)
         g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(u.dtype)
         # The transpose is a view of the tile in shared memory, not a copy.
         acc = tl.dot(tl.trans(u), g, acc, input_precision=DOT_PRECISION)
     tl.store(out_ptr + split * stride_os + cs[:, None] * stride_oc + ranks[None, :] * stride_or,
-             acc * scale, mask=c_ok[:, None] & rank_ok[None, :])
+             acc * tl.to_tensor(scale).to(tl.float32), mask=c_ok[:, None] & (ranks < R)[None, :])
 
 
 def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
@@ -138,44 +148,44 @@ def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
-def _weight_grad(u, g, rank, scale, dropout_p, seed, out_dtype, out_rows, transpose_out):
-    """sum_m scale * D(U)[m, :]^T G[m, :rank] via the split kernel, as a zero-padded gradient.
+def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_out):
+    """sum_m keep_scale * D(U)[m, :]^T G[m, :] via the split kernel, zero past the active rank.
 
-    Returns [C, out_rows] (dA layout) or, with transpose_out, [out_rows, C] (dB layout),
-    with zeros past `rank`.
+    u: [M, C]; g: [M, R]. Returns [C, R] (dA layout) or, with transpose_out, [R, C] (dB layout).
     """
     M, C = u.shape
-    block_r = rank_block(rank)
-    tiles = triton.cdiv(C, 128) * triton.cdiv(rank, block_r)
+    R = g.shape[1]
+    block_r = rank_block(R)
+    tiles = triton.cdiv(C, 128) * triton.cdiv(R, block_r)
     splits, rows_per_split = _row_splits(M, tiles, u.device)
-    partial = torch.empty((splits, C, rank), dtype=torch.float32, device=u.device)
+    if transpose_out:  # partial[s] is [R, C]; the kernel writes it through [C, R] strides
+        partial = torch.empty((splits, R, C), dtype=torch.float32, device=u.device)
+        strides = (partial.stride(0), partial.stride(2), partial.stride(1))
+    else:
+        partial = torch.empty((splits, C, R), dtype=torch.float32, device=u.device)
+        strides = partial.stride()
 
     def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rank, block_r), splits)
+        return (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(R, block_r), splits)
 
     _lora_grad_weight_kernel[grid](
-        u, g, partial,
-        M, C, rank, rows_per_split, seed, drop_threshold(dropout_p), scale,
-        u.stride(0), u.stride(1), g.stride(0), g.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
+        u, g, partial, rank, seed,
+        M, C, R, rows_per_split, drop_threshold(dropout_p), float(keep_scale),
+        u.stride(0), u.stride(1), g.stride(0), g.stride(1), *strides,
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=block_r,
     )
-    grad_r = partial.sum(0) if splits > 1 else partial[0]  # [C, rank]
-    if transpose_out:
-        grad = torch.zeros((out_rows, C), dtype=out_dtype, device=u.device)
-        grad[:rank].copy_(grad_r.t())
-    else:
-        grad = torch.zeros((C, out_rows), dtype=out_dtype, device=u.device)
-        grad[:, :rank].copy_(grad_r)
-    return grad
+    grad = partial.sum(0) if splits > 1 else partial[0]
+    return grad.to(out_dtype)
 
 
 def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
                   needs_grad_x=True, needs_grad_a=True, needs_grad_b=True):
     """Launch the backward. Inputs are already validated by the caller.
 
-    grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, rank], the
-    scaled S from the forward; weight: [K, N]; lora_a: [K, R]; lora_b: [R, N].
+    grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, R], the
+    scaled S from the forward (zero past the rank); weight: [K, N]; lora_a:
+    [K, R]; lora_b: [R, N]; rank, scale, seed: 0-d device tensors (integer,
+    fp32, int64) or numbers.
     Returns (dX [M, K] or None, dA [K, R] or None, dB [R, N] or None); dA and dB
     have the adapters' dtypes and are zero past `rank`.
     """
@@ -191,9 +201,11 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
         if needs_grad_b:
             grad_b = torch.zeros_like(lora_b)
         return grad_x, grad_a, grad_b
-    block_r = rank_block(rank)
+    block_r = rank_block(R)
     precision = dot_precision(x.dtype)
     keep_scale = 1.0 / (1.0 - dropout_p)
+    rank = device_scalar(rank, torch.int32, x.device)
+    seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
 
     grad_s = None
     if needs_grad_x or needs_grad_a:
@@ -207,8 +219,8 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
         _fused_grad_x_kernel[x_grid](
-            grad_y, weight, grad_s, lora_a, grad_x,
-            M, N, K, rank, seed, drop_threshold(dropout_p), keep_scale,
+            grad_y, weight, grad_s, lora_a, grad_x, rank, seed,
+            M, N, K, drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             grad_s.stride(0), grad_s.stride(1), lora_a.stride(0), lora_a.stride(1),
             grad_x.stride(0), grad_x.stride(1),
@@ -216,7 +228,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
         )
 
     if needs_grad_a:
-        grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, lora_a.dtype, R, transpose_out=False)
+        grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, lora_a.dtype, transpose_out=False)
     if needs_grad_b:
-        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, 0, lora_b.dtype, R, transpose_out=True)
+        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, lora_b.dtype, transpose_out=True)
     return grad_x, grad_a, grad_b

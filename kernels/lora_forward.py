@@ -2,12 +2,16 @@
 
 Two launches, so that the down-projection is computed once and not once per
 output tile:
-1. ``skinny.skinny_product``: S = s D(X) A[:, :r], a skinny [M, r] product
-   (memory bound: it reads X once). S, with the scale folded in, is kept for
-   the backward.
+1. ``skinny.skinny_product``: S = s D(X) A[:, :r], a skinny product (memory
+   bound: it reads X once), stored [M, R] with zeros past the active rank.
+   S, with the scale folded in, is kept for the backward.
 2. ``_fused_forward_kernel``: the frozen GEMM X W, whose reduction loop
    continues over the rank with S and B, then the bias: one pass over Y.
    This is the reduction ``[X | S] @ [W ; B]`` of length K + r.
+
+The rank r, the scale s and the dropout seed are 0-d device tensors read by
+the kernels, so shapes, grids and autotune keys depend on the adapter width R
+only: one compiled graph (and one CUDA graph) serves every rank 1..R.
 """
 
 import torch
@@ -15,17 +19,17 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, rank_block
-from .skinny import dot_precision, skinny_product
+from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import grouped_tile
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
-@triton.jit(do_not_specialize=["rank", "stride_sm"])
+@triton.jit
 def _fused_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
-    # sizes and scalars
-    M, N, K, rank,
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, rank_ptr,
+    # sizes
+    M, N, K,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
     stride_br, stride_bn, stride_ym, stride_yn,
@@ -35,7 +39,8 @@ def _fused_forward_kernel(
 ):
     """Y = X W + bias + S B[:rank, :].
 
-    X: [M, K], W: [K, N], bias: [N], S: [M, rank] (already scaled), B: [R, N], Y: [M, N].
+    X: [M, K], W: [K, N], bias: [N], S: [M, R] (already scaled), B: [R, N], Y: [M, N];
+    rank: a 0-d integer tensor, 1 <= rank <= R.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
     so that neighbouring programs share W tiles in L2.
     """
@@ -59,6 +64,7 @@ def _fused_forward_kernel(
     # The LoRA term continues the same reduction over the rank. It is one or
     # two steps long, so it is not software-pipelined (that would only cost
     # shared memory).
+    rank = tl.load(rank_ptr).to(tl.int32)
     for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
@@ -79,23 +85,27 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
 
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
     lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
-    Returns (Y [M, N], S = scale * D(X) A[:, :rank] [M, rank]), both in x's dtype.
+    rank, scale, seed: 0-d device tensors (integer, fp32, int64) or numbers.
+    Returns (Y [M, N], S [M, R]), both in x's dtype: S[:, :rank] = scale *
+    D(X) A[:, :rank] and S[:, rank:] = 0.
     """
     M, K = x.shape
     N = weight.shape[1]
+    R = lora_a.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
-        return y, torch.empty((0, rank), dtype=x.dtype, device=x.device)
-    block_r = rank_block(rank)
+        return y, torch.empty((0, R), dtype=x.dtype, device=x.device)
+    block_r = rank_block(R)
     precision = dot_precision(x.dtype)
-    s_down = skinny_product(x, lora_a, rank, scale / (1.0 - dropout_p), dropout_p, seed)
+    rank = device_scalar(rank, torch.int32, x.device)
+    s_down = skinny_product(x, lora_a, rank, scale, 1.0 / (1.0 - dropout_p), dropout_p, seed)
 
     def gemm_grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fused_forward_kernel[gemm_grid](
-        x, weight, bias if bias is not None else y, s_down, lora_b, y,
-        M, N, K, rank,
+        x, weight, bias if bias is not None else y, s_down, lora_b, y, rank,
+        M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,

@@ -1,4 +1,4 @@
-"""The skinny product of the LoRA path: [M, K] x [K, rank] with a runtime rank.
+"""The skinny product of the LoRA path: [M, K] x [K, R] with the active rank read from the device.
 
 Memory bound (it reads the [M, K] operand once), so it is computed once per
 layer call instead of once per output tile of the GEMM.
@@ -19,63 +19,91 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def device_scalar(value, dtype, device) -> torch.Tensor:
+    """`value` as a 0-d tensor on `device`: a tensor already there passes through, a number becomes `dtype`.
+
+    The per-step values (rank, scale, seed) reach the kernels as pointers, so a
+    launch never depends on their values; the kernels convert what they load
+    (rank to int32, scale to fp32, seed to uint64), and plain numbers are
+    accepted for eager callers.
+    """
+    if isinstance(value, torch.Tensor) and value.device == device:
+        return value.reshape(())
+    return torch.as_tensor(value, dtype=dtype, device=device).reshape(())
+
+
 @triton.autotune(configs=down_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_K")})
-@triton.jit(do_not_specialize=["rank", "seed", "stride_sm"])
+@triton.jit
 def _skinny_product_kernel(
     # pointers
-    x_ptr, a_ptr, s_ptr,
+    x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr,
     # sizes and scalars
-    M, K, rank, seed, threshold, out_scale,
+    M, K, R, threshold, out_factor,
     # strides
     stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """S[m, j] = out_scale * sum_k D(X)[m, k] A[k, j] for j < rank: a skinny [M, rank] product.
+    """S[m, j] = scale * out_factor * sum_k D(X)[m, k] A[k, j] for j < rank, and S[m, j] = 0 for rank <= j < R.
 
-    X: [M, K], A: [K, R] (R >= rank, any strides), S: [M, rank]. D(X) = X * keep / (1 - p)
-    with HAS_DROPOUT, else X. It serves the forward's S = s D(X) A_r (out_scale =
-    s / (1 - p)) and the backward's dS = s dY B_r^T (X = dY, A = B^T through its
-    strides, no dropout). Grid: (cdiv(M, BLOCK_M), cdiv(rank, BLOCK_R)).
+    X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) and scale (fp32)
+    are read from 0-d device tensors, the dropout seed (int64) too. D(X) = X *
+    keep / (1 - p) with HAS_DROPOUT, else X. It serves the forward's S = s D(X)
+    A_r (out_factor = 1 / (1 - p)) and the backward's dS = s dY B_r^T (X = dY,
+    A = B^T through its strides, no dropout). Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
+    rank = tl.load(rank_ptr).to(tl.int32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     rank_ok = ranks < rank
+    # A column tile wholly past the active rank only writes its zeros: the
+    # work of a launch follows the rank while its grid follows R.
+    k_end = tl.where(pid_r * BLOCK_R < rank, K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rows, k0, K, threshold, BLOCK_K), x, 0.0)
+            x = tl.where(keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_K), x, 0.0)
         # Adapters may be fp32 while X is bf16 (autocast): compute in X's dtype.
         a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
-    # The scales go once on the accumulator instead of on every element.
+    # fp32 whatever the caller passed (a float64 scale would halve the epilogue's
+    # throughput); the scales go once on the accumulator, not on every element.
+    out_scale = tl.load(scale_ptr).to(tl.float32) * tl.to_tensor(out_factor).to(tl.float32)
     acc = acc * out_scale
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
-             acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+             acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks < R)[None, :])
 
 
-def skinny_product(x, a, rank, out_scale, dropout_p=0.0, seed=0):
-    """out_scale * D(x) a[:, :rank] -> [M, rank] in x's dtype. x: [M, K]; a: [K, >= rank], any strides."""
+def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
+    """scale * out_factor * D(x) a[:, :rank], zero-padded to [M, R], in x's dtype.
+
+    x: [M, K]; a: [K, R], any strides; rank, scale, seed: 0-d device tensors
+    (int, fp32, int64) or numbers.
+    """
     M, K = x.shape
-    out = torch.empty((M, rank), dtype=x.dtype, device=x.device)
-    block_r = rank_block(rank)
+    R = a.shape[1]
+    out = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    block_r = rank_block(R)
+    rank = device_scalar(rank, torch.int32, x.device)
+    scale = device_scalar(scale, torch.float32, x.device)
+    seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
 
     _skinny_product_kernel[grid](
-        x, a, out,
-        M, K, rank, seed, drop_threshold(dropout_p), out_scale,
+        x, a, out, rank, scale, seed,
+        M, K, R, drop_threshold(dropout_p), float(out_factor),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
