@@ -182,8 +182,9 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
     for dtype, adapter_dtype, layout in ((d, a, w) for d in dtypes for a in adapter_dtypes for w in weight_layouts):
         for dropout in dropouts:
             for rank in ranks:
-                launches = capture(M, K, N, rank, dtype, dropout, adapter_dtype=adapter_dtype, device=device,
-                                   weight_layout=layout)
+                # The kernels' BLOCK_R follows the adapter width, so each rank is run as the width r_max.
+                launches = capture(M, K, N, rank, dtype, dropout, r_max=rank, adapter_dtype=adapter_dtype,
+                                   device=device, weight_layout=layout)
                 for index, launch in enumerate(launches):
                     configs = configs_of(launch.kernel)
                     # Configs the autotuner prunes for this launch are never timed, so never chosen.
@@ -247,8 +248,8 @@ def run_job(job: Job, M, K, N, target=None, device="cpu") -> list:
     from .launches import capture, configs_of
 
     adapter_dtype = parse_dtype(job.adapter_dtype) if job.adapter_dtype else None
-    launch = capture(M, K, N, job.rank, parse_dtype(job.dtype), job.dropout, adapter_dtype=adapter_dtype,
-                     device=device, weight_layout=job.weight_layout)[job.launch_index]
+    launch = capture(M, K, N, job.rank, parse_dtype(job.dtype), job.dropout, r_max=job.rank,
+                     adapter_dtype=adapter_dtype, device=device, weight_layout=job.weight_layout)[job.launch_index]
     if launch.name != job.kernel:
         raise RuntimeError(f"launch {job.launch_index} is {launch.name}, expected {job.kernel}")
     configs = configs_of(launch.kernel)

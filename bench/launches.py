@@ -168,7 +168,7 @@ def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapte
     lora_a = torch.empty(K, r_max, dtype=adapter_dtype, device=device)
     lora_b = torch.empty(r_max, N, dtype=adapter_dtype, device=device)
     grad_y = torch.empty(M, N, dtype=dtype, device=device)
-    s_down = torch.empty(M, rank, dtype=dtype, device=device)
+    s_down = torch.empty(M, r_max, dtype=dtype, device=device)  # S is [M, R] whatever the rank
     seed, scale = 1234, 32.0 / rank
     launches, context = [], [""]
     with _recording(launches, context):

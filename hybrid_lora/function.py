@@ -44,8 +44,9 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     its compile path cannot run under the interpreter (pytorch#152868), and
     these kernels are GEMMs Inductor would not fuse into anyway: the gain
     would be a launch wrapper, the cost untested code. Inductor also passes
-    Python floats to kernels it launches as fp64; here the scale is an fp32
-    device tensor and the kernels convert every float they load to fp32.
+    Python floats to kernels it launches as fp64; here the scale is a device
+    tensor (fp64 in the layer, exact for fp64 callers) and the kernels convert
+    every float they load or take to fp32 before using it.
     """
     from .kernels import lora_forward
 
@@ -114,8 +115,9 @@ def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     keep = reference.philox_keep_mask(seed, x.shape[0], x.shape[1], dropout_p) if dropout_p > 0.0 else None
     active = torch.arange(lora_a.shape[1], device=x.device) < rank
     lora_a = torch.where(active, lora_a.to(x.dtype), 0.0)
+    # A 0-d scale tensor multiplies like a Python float: in x's dtype, at x's op precision.
     y, _ = reference.lora_forward(x, weight, bias, lora_a, lora_b.to(x.dtype), lora_a.shape[1],
-                                  scale.to(x.dtype), keep, dropout_p)
+                                  scale, keep, dropout_p)
     return y
 
 
@@ -186,7 +188,7 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
             x's device (its value is then not checked, to keep the host out).
             Nothing is recompiled for a new rank: shapes follow R only.
         scale: the LoRA scale, usually alpha / rank: a float or a 0-d float
-            tensor on x's device (read as fp32 by the kernels).
+            tensor on x's device (the kernels read it as fp32).
         dropout_p: LoRA dropout on x, in [0, 1). Pass 0 in evaluation.
         seed: seed of the dropout mask: an int in [0, 2**63), a 0-d integer
             tensor on x's device, or None to draw one from torch's CPU generator.
@@ -211,7 +213,7 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
         seed = torch.randint(0, 2**31 - 1, ()) if dropout_p > 0.0 else 0
     device = x.device
     rank = torch.as_tensor(rank, dtype=torch.int64, device=device)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    scale = torch.as_tensor(scale, dtype=torch.float64, device=device)
     seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
 
     backend = select_backend(device)

@@ -17,6 +17,13 @@ does: a string is a regular expression that must match the whole module name
 (``re.fullmatch``), or ``"all-linear"`` for every Linear and Conv1D except the
 output embedding; a list names modules by their full name or by a suffix that
 starts after a '.'.
+
+The rank, the scale and the dropout seed the op reads live in 0-d buffers on
+the layer's device, written in place: ``set_rank`` changes their values, not
+their addresses, and each training call advances the seed on the device. A
+compiled model (and its CUDA graphs) therefore serves every rank and every
+dropout mask with one graph; ``rank`` and ``scale`` stay readable as Python
+numbers on the host.
 """
 
 import math
@@ -57,11 +64,20 @@ class LoRALayer(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(int(r_max), self.out_features, **factory))
         self.alpha = float(alpha)
         self.dropout = float(dropout)
-        self.rank = int(r_max)
         self.scale_rule = check_rule(scale_rule)
         self.scale_r_max = int(r_max)
         self.merged = False
         self.weight_is_shared = False  # set by inject_lora when another module holds the same weight (tied)
+        # Not in the state dict: rank and scale follow from the host's rank, and
+        # a training run saves the seed with its checkpoint.
+        device = weight.device
+        self.register_buffer("rank_tensor", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # fp64 holds alpha / r exactly for fp64 callers; the kernels read it as fp32.
+        self.register_buffer("scale_tensor", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        # The first seed comes from torch's generator, so layers differ and torch.manual_seed repeats them.
+        self.register_buffer("dropout_seed", torch.randint(0, 2**62, (), dtype=torch.int64).to(device),
+                             persistent=False)
+        self._write_rank(int(r_max))
         self.reset_lora_parameters()
 
     def frozen_weight(self):
@@ -81,9 +97,34 @@ class LoRALayer(nn.Module):
     def r_max(self):
         return self.lora_a.shape[1]
 
+    def compute_scale(self, rank):
+        """The LoRA scale at `rank` by the layer's rule (``scaling``). The one place the layer's scale is defined."""
+        return lora_scale(self.scale_rule, self.alpha, rank, self.scale_r_max)
+
     @property
     def scale(self):
-        return lora_scale(self.scale_rule, self.alpha, self.rank, self.scale_r_max)
+        return self.compute_scale(self.rank)
+
+    @torch.no_grad()
+    def _write_rank(self, r):
+        """Make r the active rank: on the host, and in place in the buffers the op reads (no host sync)."""
+        self.rank = r
+        self.rank_tensor.fill_(r)
+        self.scale_tensor.fill_(self.compute_scale(r))
+
+    def _apply(self, fn, recurse=True):
+        # module.half() or .to(dtype) would round the scale: it stays fp64.
+        super()._apply(fn, recurse)
+        if self.scale_tensor.dtype != torch.float64:
+            self.scale_tensor = torch.full((), self.compute_scale(self.rank), dtype=torch.float64,
+                                           device=self.scale_tensor.device)
+        return self
+
+    def _next_seed(self):
+        """The dropout seed of this call; the buffer advances in place, so the next call draws another mask."""
+        seed = self.dropout_seed.clone()  # the op keeps it for the backward
+        self.dropout_seed.add_(1)
+        return seed
 
     def _check_rank(self, r, what):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
@@ -95,7 +136,7 @@ class LoRALayer(nn.Module):
     def set_rank(self, r):
         """Use the leading r components (scale by the layer's rule). Nothing is recompiled or reallocated."""
         self._check_rank(r, "set_rank")
-        self.rank = r
+        self._write_rank(r)
 
     @torch.no_grad()
     def truncate_(self, r):
@@ -109,7 +150,7 @@ class LoRALayer(nn.Module):
         self.lora_b.data = self.lora_b.data[:r].contiguous()
         self.lora_a.grad = None
         self.lora_b.grad = None
-        self.rank = r
+        self._write_rank(r)
 
     def delta_weight(self):
         """s A[:, :r] B[:r, :] in fp32: the adapter as a dense [in, out] update (the layout of W, for both kinds)."""
@@ -150,9 +191,11 @@ class LoRALayer(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(x.shape[:-1] + (self.out_features,))
+        dropout_p = self.dropout if self.training else 0.0
         return fused_lora(
-            x, self.frozen_weight(), self.bias, self.lora_a, self.lora_b,
-            rank=self.rank, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+            x, self.frozen_weight(), self.bias, self.lora_a, self.lora_b, rank=self.rank_tensor,
+            scale=self.scale_tensor, dropout_p=dropout_p,
+            seed=self._next_seed() if dropout_p > 0.0 else self.dropout_seed,
         )
 
     def extra_repr(self):
