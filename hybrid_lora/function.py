@@ -102,6 +102,25 @@ def _backward(ctx, grad_y, grad_s):
 fused_lora_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("hybrid_lora::next_dropout_seed", mutates_args=("counter",))
+def next_dropout_seed(counter: torch.Tensor) -> torch.Tensor:
+    """The value of the 0-d seed `counter`, which advances by one in place: a new dropout mask per call.
+
+    An op of its own, not ``counter.clone(); counter.add_(1)`` inline: in a
+    compiled graph the partitioner may drop such a clone and hand the
+    backward the counter itself, which the graph has advanced by then, so the
+    backward would regenerate another mask. An op's output is saved as it is.
+    """
+    seed = counter.clone()
+    counter.add_(1)
+    return seed
+
+
+@next_dropout_seed.register_fake
+def _next_seed_fake(counter):
+    return torch.empty_like(counter)
+
+
 def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     """The same op composed of PyTorch ops (autograd does the backward); rank, scale, seed are device tensors.
 

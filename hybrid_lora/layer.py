@@ -32,7 +32,7 @@ import re
 import torch
 from torch import nn
 
-from .function import fused_lora
+from .function import fused_lora, next_dropout_seed
 from .reference import merged_weight
 from .scaling import DEFAULT_RULE, check_rule, lora_scale
 
@@ -120,11 +120,6 @@ class LoRALayer(nn.Module):
                                            device=self.scale_tensor.device)
         return self
 
-    def _next_seed(self):
-        """The dropout seed of this call; the buffer advances in place, so the next call draws another mask."""
-        seed = self.dropout_seed.clone()  # the op keeps it for the backward
-        self.dropout_seed.add_(1)
-        return seed
 
     def _check_rank(self, r, what):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
@@ -195,7 +190,7 @@ class LoRALayer(nn.Module):
         return fused_lora(
             x, self.frozen_weight(), self.bias, self.lora_a, self.lora_b, rank=self.rank_tensor,
             scale=self.scale_tensor, dropout_p=dropout_p,
-            seed=self._next_seed() if dropout_p > 0.0 else self.dropout_seed,
+            seed=next_dropout_seed(self.dropout_seed) if dropout_p > 0.0 else self.dropout_seed,
         )
 
     def extra_repr(self):

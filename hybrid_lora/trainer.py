@@ -47,11 +47,12 @@ from .adapter_files import named_adapters
 from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint,
                          optimizer_to_checkpoint, require_equal, rng_from_checkpoint, rng_to_checkpoint,
                          save_checkpoint, snapshot_from_checkpoint, snapshot_to_checkpoint)
+from .compiled import loss_function
 from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
                            freeze_leading_grads, scheduled_rank, step_rank, truncate_adapters)
 from .ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
 from .layer import inject_lora, lora_layers
-from .metrics import backward_transfer, evaluate, final_minus_own, model_logits, move_batch, retention
+from .metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
 from .models import load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .presets import base_lr, preset_fields
@@ -104,6 +105,7 @@ class TrainConfig:
     seed: int = 42  # adapter init, data order, dropout and rank sampling
     device: str = ""  # "" picks cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: "float32" (none), "bfloat16", or "auto": bfloat16 on CUDA, else float32
+    compile: bool = False  # the model's forward and backward under torch.compile (see ``compiled``)
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -136,6 +138,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name}={value!r}; expected a finite number >= 0")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig.compile={self.compile!r}; expected True or False")
         if self.dylora not in DYLORA_MODES:
             raise ValueError(f"TrainConfig.dylora={self.dylora!r}; expected one of {DYLORA_MODES}")
         if self.scale_rule not in SCALE_RULES:
@@ -313,6 +317,7 @@ class _Stage:
     parallel: distributed.DataParallel = field(default_factory=distributed.current)
     guard: NonFiniteGuard = None
     ewc: object = None  # EWCAnchor of the earlier stages, or None
+    loss: object = None  # (model, batch) -> (CE, tokens), eager or compiled (``compiled.loss_function``)
 
 
 def _regularizer(stage):
@@ -349,7 +354,7 @@ def _train_step(model, micro_batches, stage, totals):
             # With several processes, gradients are averaged once per step, after the last micro-batch.
             with parallel.sync_gradients(model, i == len(micro_batches) - 1):
                 with autocast_context(stage.device, resolved_dtype(config, stage.device)):
-                    ce, tokens = parallel.micro_batch_loss(model_logits(model, batch), batch)
+                    ce, tokens = stage.loss(model, batch)
                     ce = ce / len(micro_batches)
                 parallel.backward(ce)
             step_ce = ce.detach() if step_ce is None else step_ce + ce.detach()
@@ -511,7 +516,7 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
     guard = NonFiniteGuard(optimizer, device, config.on_nonfinite, state.global_step,
                            reduce=parallel.sum if parallel.world > 1 else None)
     run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel, guard,
-                 state.ewc)
+                 state.ewc, loss_function(config, parallel))
     eval_loader = _eval_loader(domain.eval, config)
     for epoch in range(state.epoch, config.epochs):
         where = {"stage": stage, "domain": domain.name, "epoch": epoch}
@@ -567,6 +572,7 @@ class _Checkpointer:
         for name, layer in named_adapters(self.model):
             tensors[f"adapter.{name}.lora_a"] = layer.lora_a
             tensors[f"adapter.{name}.lora_b"] = layer.lora_b
+            tensors[f"adapter.{name}.dropout_seed"] = layer.dropout_seed
         optimizer_tensors, param_groups = optimizer_to_checkpoint(optimizer) if optimizer is not None else ({}, None)
         tensors.update(optimizer_tensors)
         tensors.update(rng_to_checkpoint([self.device]))
@@ -608,6 +614,7 @@ class _Checkpointer:
                     layer.truncate_(a.shape[1])
                 layer.lora_a.copy_(a)
                 layer.lora_b.copy_(b)
+                layer.dropout_seed.copy_(tensors[f"adapter.{name}.dropout_seed"])
                 layer.set_rank(rank)
         for key in ("stage", "epoch", "batch", "global_step", "history", "initial", "accuracy", "loss", "own_eval"):
             setattr(state, key, progress[key])

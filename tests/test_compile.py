@@ -1,0 +1,193 @@
+"""The fused op under torch.compile: custom-op contracts, one graph for every rank and seed, and compiled training.
+
+A tiny GPT-2 with injected adapters is compiled with ``fullgraph=True``
+under ``aot_eager`` and ``inductor``, on the Triton path (the interpreter on
+a CPU) and the PyTorch path. Rank, scale and dropout seed are device buffers,
+so after the first call nothing may compile again: ``fail_on_recompile``
+turns a recompile into an error. GPT-2's own dropouts are off, so compiled
+and eager calls see the same randomness (LoRA dropout stays on: its mask is a
+function of the layer's seed buffer on both).
+"""
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import hybrid_lora
+from hybrid_lora import compiled, distributed, dynamic_rank, nonfinite
+from hybrid_lora.function import fused_lora_backward, fused_lora_forward
+from hybrid_lora.layer import lora_layers
+
+VOCAB, LENGTH, WIDTH, R = 16, 8, 32, 8
+RANKS = (R, 3, 1)  # the first call at the full width, then lower ones
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend_path(request, monkeypatch):
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_lora_gpt2(seed=0, lora_dropout=0.25):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=WIDTH, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
+                                       bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0))
+    layers = hybrid_lora.inject_lora(model, r_max=R, alpha=8.0, dropout=lora_dropout)
+    with torch.no_grad():
+        for layer in layers:  # B = 0 would hide every error in the LoRA term
+            layer.lora_b.normal_(0.0, 0.5)
+    return model.train()
+
+
+def logits_and_grads(model, fn, ids):
+    logits = fn(input_ids=ids).logits
+    (logits.float() ** 2).mean().backward()
+    grads = [p.grad.clone() for layer in lora_layers(model) for p in (layer.lora_a, layer.lora_b)]
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def op_inputs(rank, dtype, requires_grad):
+    g = torch.Generator().manual_seed(rank)
+    M, K, N = 5, 20, 24
+    x = torch.randn(M, K, generator=g).to(dtype)
+    weight, bias = torch.randn(K, N, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    lora_a, lora_b = torch.randn(K, R, generator=g), torch.randn(R, N, generator=g)
+    for t in (x, lora_a, lora_b):
+        t.requires_grad_(requires_grad)
+    scalars = (torch.tensor(rank), torch.tensor(8.0 / rank, dtype=torch.float64), torch.tensor(1234))
+    return x, weight, bias, lora_a, lora_b, *scalars
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("rank", [1, R])
+def test_opcheck_forward_and_backward(rank, dropout_p, dtype):
+    x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t = op_inputs(rank, dtype, requires_grad=True)
+    torch.library.opcheck(fused_lora_forward, (x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p))
+    y, s_down = fused_lora_forward(x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p)
+    assert (s_down[:, rank:] == 0).all()  # the columns past the rank, as the backward reads them
+    grad_y = torch.randn_like(y)
+    args = (grad_y, x.detach(), s_down, weight, lora_a.detach(), lora_b.detach(), rank_t, scale_t, seed_t, dropout_p)
+    for needs in ((True, True, True), (False, True, True)):
+        torch.library.opcheck(fused_lora_backward, (*args, *needs))
+
+
+def _inspecting_backend(found):
+    """aot_eager that records what every captured graph (Dynamo's, the forward, the backward) takes and calls."""
+
+    def inspect(gm, stage):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                value = node.meta.get("val", node.meta.get("example_value"))
+                if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+                    found["scalar inputs"].append(f"{stage}: {node.name} = {value!r}")
+            elif node.op in ("call_function", "call_method"):
+                name = str(node.target)
+                found["calls"].append(name)
+                if "_local_scalar_dense" in name or name in ("item", "tolist"):
+                    found["host reads"].append(f"{stage}: {name}")
+
+    def compiler(stage):
+        def compile_stage(graph, inputs):
+            inspect(graph, stage)
+            return make_boxed_func(graph.forward)
+
+        return compile_stage
+
+    def dynamo_backend(gm, example_inputs):
+        inspect(gm, "dynamo")
+        return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))(gm, example_inputs)
+
+    return dynamo_backend
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_one_graph_for_every_rank_and_seed_with_eager_logits_and_gradients(backend_path, compile_backend):
+    model = tiny_lora_gpt2()
+    layers = lora_layers(model)
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    # aot_eager is run through a backend that inspects every graph it is given.
+    found = {"scalar inputs": [], "host reads": [], "calls": []}
+    backend = _inspecting_backend(found) if compile_backend == "aot_eager" else compile_backend
+    counter = CompileCounterWithBackend(backend)
+    torch._dynamo.utils.counters.clear()
+    compiled_model = torch.compile(model, backend=counter, fullgraph=True)
+    seeds_seen = set()
+    for i, rank in enumerate(RANKS):
+        hybrid_lora.set_rank(model, rank)
+        seeds = [layer.dropout_seed.clone() for layer in layers]
+        seeds_seen.add(int(seeds[0]))
+        want_logits, want_grads = logits_and_grads(model, model, ids)
+        for layer, seed in zip(layers, seeds):  # the compiled call draws the same mask
+            layer.dropout_seed.copy_(seed)
+        with torch.compiler.set_stance("fail_on_recompile" if i > 0 else "default"):
+            got_logits, got_grads = logits_and_grads(model, compiled_model, ids)
+        torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+        for got, want in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for grad_a, grad_b in zip(got_grads[::2], got_grads[1::2]):  # nothing past the active rank learns
+            assert (grad_a[:, rank:] == 0).all() and (grad_b[rank:] == 0).all()
+            assert (grad_a[:, :rank] != 0).any() and (grad_b[:rank] != 0).any()
+        # Each training call advanced the seed on the device: the next call draws another mask.
+        assert all(int(layer.dropout_seed) == int(seed) + 1 for layer, seed in zip(layers, seeds))
+    assert len(seeds_seen) == len(RANKS)
+    graphs = [g for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes)]
+    assert len(graphs) == 1, f"{len(graphs)} graphs over ranks {RANKS}"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    if compile_backend == "aot_eager":
+        assert found["scalar inputs"] == [] and found["host reads"] == []
+        if backend_path == "triton":
+            assert any("fused_lora_forward" in c for c in found["calls"])
+            assert any("fused_lora_backward" in c for c in found["calls"])
+
+
+def _train(model, steps, dylora, cut_at, ids, compile_backend=None):
+    """A few DyLoRA steps through the trainer's own step function, the rank cut to R // 2 at step `cut_at`."""
+    from hybrid_lora import trainer
+
+    layers = lora_layers(model)
+    config = trainer.TrainConfig(r_max=R, alpha=8.0, lora_dropout=0.25, dylora=dylora, lambda_order=1e-3,
+                                 lambda_dc=0.0, lr=1e-2, epochs=1, rank_schedule=(), device="cpu",
+                                 compile=compile_backend is not None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = torch.device("cpu")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=nonfinite.fused_adamw_supported(device) or None)  # as the trainer's
+    parallel = distributed.current()
+    stage = trainer._Stage(layers, optimizer, dynamic_rank.RankSampler(3), None, device, config, None,
+                           parallel=parallel, guard=nonfinite.NonFiniteGuard(optimizer, device),
+                           loss=compiled.loss_function(config, parallel, backend=compile_backend))
+    totals = trainer._EpochTotals.zeros(torch.device("cpu"))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for step in range(steps):
+        if step == cut_at:
+            dynamic_rank.truncate_adapters(layers, R // 2, optimizer)
+        trainer._train_step(model, [batch], stage, totals)
+    return [t.detach().clone() for layer in layers for t in (layer.lora_a, layer.lora_b)]
+
+
+@pytest.mark.parametrize("path, dylora", [("triton", "frozen"), ("torch", "full")])
+def test_compiled_dylora_training_ends_with_the_eager_adapters(path, dylora, monkeypatch):
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
+    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(2))
+    eager = _train(tiny_lora_gpt2(), 4, dylora, 2, ids)
+    counter = CompileCounterWithBackend("aot_eager")
+    got = _train(tiny_lora_gpt2(), 4, dylora, 2, ids, compile_backend=counter)
+    for g, e in zip(got, eager):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    graphs = [g for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes)]
+    assert len(graphs) == 2, f"{len(graphs)} graphs for two adapter widths"
