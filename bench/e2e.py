@@ -10,8 +10,11 @@ is enough to time a step):
 | `ours-layer`    | the same loop with ``hybrid_lora.inject_lora`` (the fused layer) under bf16 autocast |
 | `ours-engine`   | ``hybrid_lora.trainer.run_continual``, one stage of the default ``hybrid`` variant  |
 |                 | (CE + ordering penalty, DyLoRA rank sampling), bf16: what the package trains with |
+| `peft-compiled` | `peft-bf16` with the model under ``torch.compile`` (Inductor)                     |
+| `ours-compiled` | `ours-layer` with the model under ``torch.compile(fullgraph=True)`` (Inductor)    |
+| `ours-cudagraphs` | `ours-compiled` with ``mode="reduce-overhead"``: Inductor plus CUDA graphs      |
 
-The three loop pipelines share one step: forward with labels, backward, AdamW
+The loop pipelines share one step: forward with labels, backward, AdamW
 step, zero_grad, with no host synchronisation inside the timed steps. The
 engine reports its own training time and tokens (evaluation excluded).
 A row gives step time, tokens/s (batch x sequence positions per second),
@@ -34,7 +37,11 @@ from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
 
 COLUMNS = ["pipeline", "model", "seq_len", "batch", "steps", "step_ms", "tokens_per_s", "peak_mem_bytes",
            "projected_stage_s", "speedup_vs_original", "status", "timer", "device", "commit", "date"]
-PIPELINES = ("original", "peft-bf16", "ours-layer", "ours-engine")
+PIPELINES = ("original", "peft-bf16", "ours-layer", "ours-engine", "peft-compiled", "ours-compiled",
+             "ours-cudagraphs")
+# torch.compile settings of the compiled pipelines: (mode, fullgraph). peft's layers may break the
+# graph, so it is not asked for one graph; ours must give one.
+COMPILED = {"peft-compiled": (None, False), "ours-compiled": (None, True), "ours-cudagraphs": ("reduce-overhead", True)}
 
 
 @dataclass
@@ -52,6 +59,7 @@ class E2EConfig:
     model: dict = field(default_factory=dict)  # GPT2Config overrides; empty is GPT-2 small (124M)
     pipelines: tuple = PIPELINES
     seed: int = 0
+    compile_backend: str = "inductor"  # of the compiled pipelines; CUDA graphs ("reduce-overhead") need inductor
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "r", "stage_examples", "stage_epochs"):
@@ -120,18 +128,27 @@ def _peak(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan
 
 
-def time_loop(model, autocast_dtype, batches, config, device):
-    """(seconds per step, peak bytes) of forward, backward, AdamW step over `batches` after the warm-up."""
+def time_loop(model, autocast_dtype, batches, config, device, compiled=None):
+    """(seconds per step, peak bytes) of forward, backward, AdamW step over `batches` after the warm-up.
+
+    compiled: (mode, fullgraph) to run the model under torch.compile (Inductor), or None for eager.
+    """
     from contextlib import nullcontext
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     model.train()
+    forward = model
+    if compiled is not None:
+        mode, fullgraph = compiled
+        backend = config.compile_backend
+        forward = torch.compile(model, backend=backend, mode=mode if backend == "inductor" else None,
+                                fullgraph=fullgraph, dynamic=False)
 
     def step(batch):
         context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with context:
-            loss = model(**batch, use_cache=False).loss
+            loss = forward(**batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -188,6 +205,10 @@ def run_pipeline(name, seq_len, config: E2EConfig, device):
         return time_loop(with_fused(model, config), torch.bfloat16, batches, config, device)
     if name == "ours-engine":
         return time_engine(with_fused(model, config), batches, config, device)
+    if name == "peft-compiled":
+        return time_loop(with_peft(model, config), torch.bfloat16, batches, config, device, COMPILED[name])
+    if name in ("ours-compiled", "ours-cudagraphs"):
+        return time_loop(with_fused(model, config), torch.bfloat16, batches, config, device, COMPILED[name])
     raise ValueError(f"pipeline {name!r}: expected one of {PIPELINES}")
 
 

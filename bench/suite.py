@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import e2e, layer_bench, memory, rank_sweep, report
+from . import compile_counts, e2e, layer_bench, memory, rank_sweep, report
 from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
 
-STEPS = ("precompile", "layer", "rank_sweep", "memory", "e2e", "autotune", "report")
+STEPS = ("precompile", "layer", "rank_sweep", "memory", "e2e", "compile_counts", "autotune", "report")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class SuiteConfig:
     compile_backend: str = "inductor"  # torch.compile backend of the `compiled` provider
     training: e2e.E2EConfig = field(default_factory=e2e.E2EConfig)  # the end-to-end step
     e2e_torch_path: bool = False  # run the package's layers on the PyTorch path in e2e (CPU checks)
+    compile_counts: dict = field(default_factory=dict)  # arguments of bench.compile_counts.run (default: 100 steps)
 
 
 def tiny_config() -> SuiteConfig:
@@ -54,8 +55,10 @@ def tiny_config() -> SuiteConfig:
         M=16, K=16, N=32, layer_ranks=(4,), linear_shapes=((32, 48),), dtype="fp32", sweep_ranks=(1, 2, 17),
         memory_rank=4, rounds=1,
         compile_backend="aot_eager",  # inductor's C++ build takes minutes on a CPU
-        training=e2e.E2EConfig(seq_lens=(8,), batch_size=2, warmup_steps=1, steps=1, model=e2e.TINY_GPT2),
+        training=e2e.E2EConfig(seq_lens=(8,), batch_size=2, warmup_steps=1, steps=1, model=e2e.TINY_GPT2,
+                               compile_backend="aot_eager"),
         e2e_torch_path=True,  # the Triton interpreter would take minutes per training step
+        compile_counts=dict(steps=4, r=8, batch=2, seq_len=8, model=e2e.TINY_GPT2, backend="aot_eager"),
     )
 
 
@@ -111,7 +114,7 @@ def autotune_rows(run_stamp) -> list:
 
 def combined_columns() -> list:
     columns = ["bench"]
-    for names in (layer_bench.COLUMNS, rank_sweep.COLUMNS, memory.COLUMNS, e2e.COLUMNS,
+    for names in (layer_bench.COLUMNS, rank_sweep.COLUMNS, memory.COLUMNS, e2e.COLUMNS, compile_counts.COLUMNS,
                   ["kernel", "key", "config"]):
         columns += [name for name in names if name not in columns]
     return columns
@@ -165,6 +168,8 @@ def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=prin
         compile_backend=config.compile_backend))
     with _torch_path(config.e2e_torch_path):
         timed("e2e", lambda: e2e.run(config.training, device, log=log))
+        # Compiled graphs and CUDA-graph recordings of a compiled DyLoRA run with one rank cut.
+        timed("compile_counts", lambda: compile_counts.run(device, log=log, **config.compile_counts))
     if device.type == "cuda":
         timed("autotune", lambda: autotune_rows(run_stamp))
     columns = combined_columns()
