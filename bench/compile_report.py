@@ -318,6 +318,24 @@ def violations(rows) -> list:
 
 # --- output ------------------------------------------------------------------------------------------
 
+def lora_share_section(header: dict, ranks=(1, 16, 64), r_max=64) -> list:
+    """Markdown lines: the adapter's share of the matrix work at `ranks`, useful and as the fused kernels run it."""
+    import torch
+
+    from .providers import LayerShape, lora_share
+
+    lines = ["", f"## The adapter's share of the matrix work (adapter width {r_max})", "",
+             "The kernels read the rank on the device and are sized by the adapter width, so one compiled graph "
+             "serves every rank; their rank tiles run in full, so a low rank costs what its tile costs. Share of "
+             "forward + backward matrix work at the shape above (`bench.providers.lora_share`):", "",
+             "| rank | useful (LoRA at rank r) | executed by the fused kernels |", "|---:|---:|---:|"]
+    for rank in ranks:
+        shape = LayerShape(int(header["M"]), int(header["K"]), int(header["N"]), rank, torch.bfloat16, r_max)
+        lines.append(f"| {rank} | {lora_share('addmm', shape, 'fwd+bwd'):.2%} "
+                     f"| {lora_share('fused', shape, 'fwd+bwd'):.2%} |")
+    return lines
+
+
 def markdown(rows, header: dict) -> str:
     lines = ["# Hopper (sm_90) compile report", "",
              f"Compiled without a GPU for `{header['target']}` with Triton {header['triton']}, "
@@ -355,6 +373,7 @@ def markdown(rows, header: dict) -> str:
         lines.append(f"- cannot launch on sm_90 (autotune skips it): `{row['kernel']}` [{row['config']}] "
                      f"block_r={row['block_r']}: {int(row['dynamic_shared_bytes']) + int(row['static_shared_bytes'])} "
                      f"B shared memory, {row['registers']} registers x {32 * int(row['num_warps'])} threads")
+    lines += lora_share_section(header)
     lines += ["", "## Every compile", "",
               "| kernel | dtype | adapters | block_r | dropout | config | regs | stack B | local B | LDL/STL "
               "| shared B | can launch | HGMMA | HMMA | compile s |",

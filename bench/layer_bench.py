@@ -6,7 +6,10 @@ N = 4096 and 11008, in nn.Linear's weight layout (``--weight-layout out_in``,
 peft with ``fan_in_fan_out=False``). Each row holds the
 provider, mode, shape, weight layout, dtype, median/p20/p80 ms, TFLOP/s, GB/s (the provider's
 traffic model, ``bench.providers.traffic``), the ratio to ``base`` (the frozen
-addmm alone, measured in the same run), the timer, device, commit and date.
+addmm alone, measured in the same run), the adapter's share of the matrix work
+the provider executes (``bench.providers.lora_share``: the fused kernels run it
+at the width of r_max's rank tile, whatever the rank), the timer, device,
+commit and date.
 
     python -m bench.layer_bench                       # the full grid on the default device
     python -m bench.layer_bench --M 8192 --dtypes bf16 --out bench/results/layer.csv
@@ -20,12 +23,13 @@ import traceback
 
 import torch
 
-from .providers import MODES, PROVIDERS, WEIGHT_LAYOUTS, LayerShape, LayerWeights, build_layer, bytes_moved, flops
+from .providers import (MODES, PROVIDERS, WEIGHT_LAYOUTS, LayerShape, LayerWeights, build_layer, bytes_moved, flops,
+                        lora_share)
 from .record import RESULTS_DIR, dtype_name, parse_dtype, pick_device, slug, stamp, utc_now, write_csv
 from .timing import time_fn
 
 COLUMNS = ["provider", "mode", "M", "K", "N", "r", "dtype", "dropout", "weight_layout", "median_ms", "p20_ms", "p80_ms",
-           "tflops", "gbps", "ratio_to_base", "status", "timer", "device", "commit", "date"]
+           "tflops", "gbps", "ratio_to_base", "lora_share", "status", "timer", "device", "commit", "date"]
 
 GPT2_K, GPT2_N = 768, 2304  # c_attn of GPT-2 small: in 768, out 3 x 768
 LLAMA_7B_SHAPES = ((4096, 4096), (4096, 11008))  # (K, N) of Llama-7B's q/k/v/o and gate/up projections
@@ -35,7 +39,7 @@ def _row(provider, mode, shape, timing, base_ms, run_stamp, status="ok"):
     r = 0 if provider == "base" else shape.r  # r = 0 marks the layer without an adapter
     row = {"provider": provider, "mode": mode, "M": shape.M, "K": shape.K, "N": shape.N, "r": r,
            "dtype": dtype_name(shape.dtype), "dropout": shape.dropout_p, "weight_layout": shape.weight_layout,
-           "status": status, **run_stamp}
+           "status": status, "lora_share": round(lora_share(provider, shape, mode), 6), **run_stamp}
     if timing is None:
         row.update(median_ms=math.nan, p20_ms=math.nan, p80_ms=math.nan, tflops=math.nan, gbps=math.nan,
                    ratio_to_base=math.nan, timer="")
@@ -109,7 +113,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--M", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--r", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--r", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"])
     parser.add_argument("--K", type=int, default=GPT2_K)
     parser.add_argument("--N", type=int, default=GPT2_N)

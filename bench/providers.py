@@ -140,6 +140,30 @@ def flops(provider: str, shape: LayerShape, mode: str) -> int:
     return per_mode[mode]
 
 
+def lora_share(provider: str, shape: LayerShape, mode: str) -> float:
+    """The adapter's share of the matrix work one call executes in `mode`: LoRA / (frozen GEMMs + LoRA).
+
+    For the other providers the adapter runs at its rank r, as ``flops`` counts
+    it. The fused kernels are sized by the adapter width r_max, not the rank
+    (so that one compiled graph serves every rank): their rank tiles are
+    BLOCK_R = rank_block(r_max) wide, and every tile that starts below r runs
+    in full, so they execute the adapter at width ceil(r / BLOCK_R) * BLOCK_R.
+    That is the price of a rank read on the device, e.g. 64 columns at rank 1
+    for an adapter of width 64.
+    """
+    if provider == "base":
+        return 0.0
+    width = shape.r
+    if provider == "fused":
+        from hybrid_lora.kernels import rank_block
+
+        block = rank_block(shape.r_max)
+        width = -(-shape.r // block) * block
+    executed = LayerShape(shape.M, shape.K, shape.N, width, shape.dtype, max(width, shape.r_max), shape.dropout_p)
+    total = flops(provider, executed, mode)
+    return (total - flops("base", executed, mode)) / total
+
+
 def tensor_bytes(shape: LayerShape) -> dict:
     """Bytes of every named tensor in the traffic models. Masks are bool (one byte per element)."""
     M, K, N, r = shape.M, shape.K, shape.N, shape.r

@@ -34,7 +34,7 @@ class SuiteConfig:
     M: int = 8192  # tokens of the layer table, rank sweep and memory measurement
     K: int = 768  # GPT-2 c_attn
     N: int = 2304
-    layer_ranks: tuple = (16, 64)  # the ranks the targets name
+    layer_ranks: tuple = (1, 16, 64)  # the ranks the targets name, and rank 1: the price of kernels sized by r_max
     linear_shapes: tuple = layer_bench.LLAMA_7B_SHAPES  # (K, N) timed with nn.Linear's weight layout too
     dtype: str = "bf16"
     sweep_ranks: tuple = tuple(range(1, 65))
