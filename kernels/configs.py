@@ -9,12 +9,11 @@ import os
 
 import triton
 
-# The rank is a runtime argument. Kernels tile it in chunks of BLOCK_R columns,
-# a compile-time constant taken from the bucket of the rank (16, 32 or 64):
-# every rank inside a bucket reuses one compiled kernel, and ranks above 64
-# loop over 64-wide chunks. Integer arguments that follow the rank (the rank
-# itself, the row stride of S and dS) are marked do_not_specialize, or Triton
-# would compile again for rank 1 and for ranks divisible by 16.
+# The rank is read by the kernels from a device tensor, so no launch argument
+# depends on it. Kernels tile the adapter width R in chunks of BLOCK_R columns,
+# a compile-time constant taken from the bucket of R (16, 32 or 64): every rank
+# 1..R reuses one compiled kernel, widths above 64 loop over 64-wide chunks,
+# and only a rank cut (a new R) can compile again.
 MIN_RANK_BLOCK = 16  # tl.dot needs every dimension >= 16
 MAX_RANK_BLOCK = 64
 
@@ -25,7 +24,7 @@ def interpreter_enabled() -> bool:
 
 
 def rank_block(rank: int) -> int:
-    """The compile-time rank chunk for a runtime ``rank``: next power of two, clamped to [16, 64]."""
+    """The compile-time rank chunk for an adapter of width ``rank`` (R): next power of two, clamped to [16, 64]."""
     return min(MAX_RANK_BLOCK, max(MIN_RANK_BLOCK, triton.next_power_of_2(rank)))
 
 
