@@ -87,7 +87,10 @@ def random_gpt2(config: E2EConfig, device):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(config.seed)
-    return GPT2LMHeadModel(GPT2Config(**config.model)).to(device)
+    model = GPT2LMHeadModel(GPT2Config(**config.model)).to(device)
+    # The loss transformers falls back to anyway; named, so that no warning call breaks a compiled graph.
+    model.config.loss_type = "ForCausalLM"
+    return model
 
 
 def with_peft(model, config: E2EConfig):

@@ -50,9 +50,14 @@ def saved_activations(layer) -> Saved:
 
 
 def x_plus_s_bytes(shape: LayerShape) -> int:
-    """Bytes of X [M, K] and S [M, r] in the compute dtype: the fused layer's bound."""
+    """The fused layer's bound: X [M, K] and S [M, r_max] in the compute dtype, and its three 0-d step values.
+
+    S is as wide as the adapter, not the rank (zeros past it): no shape of the
+    op may depend on the rank, so that one compiled graph serves every rank.
+    The rank (int64), scale (fp64) and dropout seed (int64) are kept as 0-d tensors.
+    """
     element = torch.empty((), dtype=shape.dtype).element_size()
-    return shape.M * (shape.K + shape.r) * element
+    return shape.M * (shape.K + shape.r_max) * element + 3 * 8
 
 
 def peak_fwd_bwd_bytes(layer, device) -> float:

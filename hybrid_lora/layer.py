@@ -74,11 +74,12 @@ class LoRALayer(nn.Module):
         self.register_buffer("rank_tensor", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         # fp64 holds alpha / r exactly for fp64 callers; the kernels read it as fp32.
         self.register_buffer("scale_tensor", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
-        # The first seed comes from torch's generator, so layers differ and torch.manual_seed repeats them.
-        self.register_buffer("dropout_seed", torch.randint(0, 2**62, (), dtype=torch.int64).to(device),
-                             persistent=False)
+        self.register_buffer("dropout_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self._write_rank(int(r_max))
         self.reset_lora_parameters()
+        # The first seed comes from torch's generator (after A's init, which draws as it always has),
+        # so layers differ and torch.manual_seed repeats them.
+        self.dropout_seed.fill_(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
 
     def frozen_weight(self):
         """W as [in, out]: the stored weight or a transposed view of it, never a copy."""

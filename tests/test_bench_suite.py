@@ -58,9 +58,9 @@ def test_rank_sweep_predicts_variants_and_leaves_compile_counting_to_a_gpu(tiny_
     for row in sweep.values():
         assert row["note"] == NO_GPU_NOTE and math.isnan(float(row["compiled_variants"]))
         assert float(row["median_ms"]) > 0
-    # r = 1 and 2 share the rank bucket 16; r = 17 opens bucket 32, which compiles new variants.
+    # The rank is read on the device: every rank of the sweep (one adapter width) shares the variants of r = 1.
     assert int(sweep[1]["predicted_variants"]) == int(sweep[2]["predicted_variants"]) > 0
-    assert int(sweep[17]["predicted_variants"]) > int(sweep[2]["predicted_variants"])
+    assert int(sweep[17]["predicted_variants"]) == int(sweep[2]["predicted_variants"])
 
 
 def test_memory_rows_hold_the_fused_bound_with_dropout_on(tiny_run):
