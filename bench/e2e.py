@@ -89,7 +89,7 @@ def random_gpt2(config: E2EConfig, device):
     torch.manual_seed(config.seed)
     model = GPT2LMHeadModel(GPT2Config(**config.model)).to(device)
     # The loss transformers falls back to anyway; named, so that no warning call breaks a compiled graph.
-    model.config.loss_type = "ForCausalLM"
+    model.loss_type = "ForCausalLM"
     return model
 
 

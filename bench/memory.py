@@ -78,7 +78,7 @@ def run(device, M, K, N, r, dtypes, *, providers=PROVIDERS, dropout_p=DEFAULT_DR
     run_stamp = stamp(device)
     rows = []
     for dtype in dtypes:
-        shape = LayerShape(M, K, N, r, dtype, max(64, r), dropout_p)
+        shape = LayerShape(M, K, N, r, dtype, r, dropout_p)  # an adapter of width r: S is saved at its width
         weights = LayerWeights.random(shape, device)
         for provider in providers:
             layer = build_layer(provider, shape, device, weights=weights, compile_backend=compile_backend)
