@@ -5,7 +5,7 @@ calls for the loss of a micro-batch: eager, or with ``config.compile`` the
 same function compiled with ``fullgraph=True``. What the compiled path
 relies on:
 
-- No per-step value is a Python number in the graph. ``LoRAConv1D`` keeps
+- No per-step value is a Python number in the graph. A LoRA layer keeps
   its active rank, its scale and its dropout seed in 0-d buffers written in
   place, and the fused op reads them on the device, so DyLoRA's rank drawn
   every step (on the host, from its own CPU generator: nothing is read back

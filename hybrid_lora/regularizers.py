@@ -1,6 +1,6 @@
 """The terms added to the language-model loss: the ordering penalty and the domain-correlation loss.
 
-Both act on the adapters of a list of ``LoRAConv1D`` layers at their active
+Both act on the adapters of a list of LoRA layers at their active
 rank r, with A [in, r_max], B [r_max, out] and delta_W = s A[:, :r] B[:r, :],
 s = alpha / r. Neither touches training data.
 
@@ -39,7 +39,7 @@ def order_penalty(layers):
     The norm of a zero row of B (B starts at zero) has gradient zero, not NaN.
     """
     if not layers:
-        raise ValueError("order_penalty: no LoRA layers given; expected at least one LoRAConv1D")
+        raise ValueError("order_penalty: no LoRA layers given; expected at least one LoRA layer")
     total = 0.0
     for layer in layers:
         r = layer.rank
@@ -87,7 +87,7 @@ def snapshot_adapters(layers):
     Raises if the adapters are all zero, as a cosine with a zero matrix is undefined.
     """
     if not layers:
-        raise ValueError("snapshot_adapters: no LoRA layers given; expected at least one LoRAConv1D")
+        raise ValueError("snapshot_adapters: no LoRA layers given; expected at least one LoRA layer")
     with torch.no_grad():
         factors = tuple(AdapterFactors(a.detach().clone(), b.detach().clone(), s) for a, b, s in map(_factors, layers))
         squared_norm = sum(adapter_inner(f.a, f.b, f.scale, f.a, f.b, f.scale) for f in factors)
@@ -105,7 +105,7 @@ def domain_correlation(layers, snapshot, eps=1e-12):
     comparison aligned when the current rank differs from the stored one.
     """
     if not layers:
-        raise ValueError("domain_correlation: no LoRA layers given; expected at least one LoRAConv1D")
+        raise ValueError("domain_correlation: no LoRA layers given; expected at least one LoRA layer")
     if len(layers) != len(snapshot.factors):
         raise ValueError(f"domain_correlation: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
                          "expected the same layers, in the same order")
@@ -131,7 +131,7 @@ def weight_correlation(layers, snapshot, eps=1e-12):
     update into components: a permutation of components changes it.
     """
     if not layers:
-        raise ValueError("weight_correlation: no LoRA layers given; expected at least one LoRAConv1D")
+        raise ValueError("weight_correlation: no LoRA layers given; expected at least one LoRA layer")
     if len(layers) != len(snapshot.factors):
         raise ValueError(f"weight_correlation: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
                          "expected the same layers, in the same order")
@@ -156,7 +156,7 @@ def l2_to_previous(layers, snapshot):
     matrix is formed and the ranks may differ.
     """
     if not layers:
-        raise ValueError("l2_to_previous: no LoRA layers given; expected at least one LoRAConv1D")
+        raise ValueError("l2_to_previous: no LoRA layers given; expected at least one LoRA layer")
     if len(layers) != len(snapshot.factors):
         raise ValueError(f"l2_to_previous: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
                          "expected the same layers, in the same order")
