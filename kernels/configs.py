@@ -29,26 +29,37 @@ def rank_block(rank: int) -> int:
 
 
 # A thread holding more than this many elements of an output tile spills on
-# sm_90 in two cases (cuobjdump --dump-resource-usage): with dropout, where it
-# also holds Philox words for its share of the mask tile, and in the dX kernel,
-# whose transposed W operand needs more address registers than the forward.
+# sm_90 in three cases (cuobjdump --dump-resource-usage): with dropout, where it
+# also holds Philox words for its share of the mask tile; in the dX kernel,
+# whose transposed W operand needs more address registers than the forward; and
+# in the forward with nn.Linear's transposed W and a 64-wide rank block.
 MAX_TILE_ELEMENTS_PER_THREAD = 64
 
 
-def limit_tile_per_thread(rows: str, cols: str, only_with_dropout: bool = True):
+def limit_tile_per_thread(rows: str, cols: str, only_with_dropout: bool = True, when=None):
     """An ``early_config_prune`` that drops tiles of rows x cols above the per-thread limit.
 
-    With ``only_with_dropout`` the limit applies only to launches with HAS_DROPOUT.
+    With ``only_with_dropout`` the limit applies only to launches with HAS_DROPOUT;
+    ``when(named_args, kwargs)``, if given, decides instead.
     """
 
     def prune(configs, named_args, **kwargs):
-        if only_with_dropout and not kwargs.get("HAS_DROPOUT", False):
+        applies = when(named_args, kwargs) if when is not None else (
+            not only_with_dropout or kwargs.get("HAS_DROPOUT", False))
+        if not applies:
             return configs
         fitting = [c for c in configs
                    if c.kwargs[rows] * c.kwargs[cols] <= MAX_TILE_ELEMENTS_PER_THREAD * 32 * c.num_warps]
         return fitting or configs
 
     return prune
+
+
+def transposed_weight_at_widest_rank_block(named_args, kwargs):
+    """The forward GEMM's spilling case on sm_90: W read through a transpose (nn.Linear's
+    [N, K] weight, unit stride along K) with the widest rank block (a 64-column B tile).
+    ``stride_wk`` is in that kernel's autotune key, so the two layouts are tuned apart."""
+    return kwargs.get("BLOCK_R") == MAX_RANK_BLOCK and named_args.get("stride_wk") == 1
 
 
 def _config(num_warps, num_stages, **blocks):

@@ -18,12 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import gemm_configs, rank_block
+from .configs import gemm_configs, limit_tile_per_thread, rank_block, transposed_weight_at_widest_rank_block
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import grouped_tile
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R", "stride_wk"],
+                 prune_configs_by={"early_config_prune": limit_tile_per_thread(
+                     "BLOCK_M", "BLOCK_N", when=transposed_weight_at_widest_rank_block)})
 @triton.jit
 def _fused_forward_kernel(
     # pointers
