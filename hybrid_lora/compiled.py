@@ -25,10 +25,9 @@ relies on:
   random) run from an eager one; with it off, they agree to rounding.
 """
 
-import functools
-
 import torch
 
+from .errors import BadValue
 from .metrics import model_logits
 
 COMPILE_BACKEND = "inductor"  # what torch.compile lowers to; "aot_eager" skips code generation (tests)
@@ -39,10 +38,11 @@ def loss_function(config, parallel, backend=None, mode=None):
     """(model, batch) -> (CE, tokens) of one micro-batch, as ``parallel.micro_batch_loss`` gives them.
 
     With config.compile the function runs under torch.compile (the model's
-    forward, the loss, and through autograd their backward). With several
-    processes only the model's forward is compiled: the all-reduce of the
-    loss's token count stays outside the graph, and the DDP wrapper that each
-    epoch builds compiles once.
+    forward, the loss, and through autograd their backward), in one process
+    only. Data-parallel training compiled is refused: Dynamo cannot trace
+    DDP's forward with ``fullgraph=True`` (its reducer), and a compiled inner
+    module does not survive a rank cut, whose in-place shrinking of the
+    adapter parameters leaves autograd expecting their old shapes.
     """
 
     def loss(model, batch):
@@ -50,9 +50,8 @@ def loss_function(config, parallel, backend=None, mode=None):
 
     if not config.compile:
         return loss
-    compile_fn = functools.partial(torch.compile, backend=backend or COMPILE_BACKEND, mode=mode or COMPILE_MODE,
-                                   fullgraph=True, dynamic=False)
-    if parallel.world == 1:
-        return compile_fn(loss)
-    logits = compile_fn(model_logits)
-    return lambda model, batch: parallel.micro_batch_loss(logits(model, batch), batch)
+    if parallel.world > 1:
+        raise BadValue(f"compile=True with {parallel.world} processes: training compiled runs in one process; "
+                       "under torchrun train without --compile")
+    return torch.compile(loss, backend=backend or COMPILE_BACKEND, mode=mode or COMPILE_MODE,
+                         fullgraph=True, dynamic=False)
