@@ -14,6 +14,7 @@ schedule (r, r / 2)). One row counts:
   target is one of each per width, 4 in all; 0 off CUDA.
 
     python -m bench.compile_counts                  # on a GPU: 100 steps of GPT-2 small, batch 8 x 128
+    python -m bench.compile_counts --out counts.csv # the row also as CSV (what bench/gpu_check writes)
 """
 
 import argparse
@@ -22,7 +23,7 @@ import json
 
 import torch
 
-from .record import pick_device, stamp
+from .record import pick_device, stamp, write_csv
 
 COLUMNS = ["steps", "widths", "graphs", "recordings", "target_graphs", "target_recordings", "compile_mode"]
 
@@ -88,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2 of width 64, 8 steps, aot_eager")
+    parser.add_argument("--out", default=None, help="also write the row to this CSV file")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     if args.tiny:
@@ -97,6 +99,9 @@ def main(argv=None):
     else:
         rows = run(device, steps=args.steps)
     print(json.dumps(rows, indent=1))
+    if args.out:
+        columns = COLUMNS + [name for name in rows[0] if name not in COLUMNS]
+        write_csv(args.out, rows, columns)
 
 
 if __name__ == "__main__":

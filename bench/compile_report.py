@@ -1,6 +1,6 @@
 """Hopper compile report: every kernel of ``hybrid_lora.kernels`` compiled for sm_90, without a GPU.
 
-Each kernel is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``
+Each kernel is compiled for ``GPUTarget("cuda", 90, 32)`` by the JIT's own warmup (``bench.launches``)
 for the launches the launchers make at the GPT-2 c_attn shape (``bench.launches``),
 in every autotune config the autotuner keeps for that launch (after its own
 ``early_config_prune``), for each rank bucket, with dropout on and off, and with
@@ -39,7 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .record import REPO_ROOT, RESULTS_DIR, atomic_write_text, commit, parse_dtype, read_csv, utc_now, write_csv
+from .record import (REPO_ROOT, RESULTS_DIR, atomic_write_text, commit, parse_dtype, read_csv, utc_now,
+                     without_local_paths, write_csv)
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block can opt into on sm_90
 SM90_REGISTERS_PER_SM = 65536
@@ -209,9 +210,9 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
 
 
 def sm90():
-    from triton.backends.compiler import GPUTarget
+    from .launches import sm90 as target
 
-    return GPUTarget("cuda", 90, 32)
+    return target()
 
 
 # --- compiling -------------------------------------------------------------------------------------
@@ -224,17 +225,11 @@ def can_launch(row: dict) -> bool:
 
 
 def compile_one(launch, config, target=None) -> dict:
-    """Compile one launch in one config for `target` (default sm_90) and inspect the cubin."""
-    import triton
-    from triton.compiler import ASTSource
+    """Compile one launch in one config for `target` (default sm_90) through the JIT, and inspect the cubin."""
+    from .launches import compile_launch
 
-    from .launches import jit_function, specialize
-
-    target = target or sm90()
-    spec = specialize(launch, config, target)
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(jit_function(launch.kernel), spec.signature, spec.constexprs, spec.attrs),
-                              target=target, options=spec.options)
+    compiled = compile_launch(launch, config, target or sm90())
     seconds = time.perf_counter() - start
     row = {"config": _config_text(config), "num_warps": compiled.metadata.num_warps,
            "num_stages": compiled.metadata.num_stages, "dynamic_shared_bytes": compiled.metadata.shared,
@@ -258,7 +253,8 @@ def run_job(job: Job, M, K, N, target=None, device="cpu") -> list:
         try:
             row = {**compile_one(launch, configs[index], target), "status": "ok"}
         except Exception as error:  # a config that does not compile is a finding, not a crash
-            row = {"config": _config_text(configs[index]), "status": f"error: {type(error).__name__}: {error}"[:300]}
+            status = without_local_paths(f"error: {type(error).__name__}: {error}")[:300]
+            row = {"config": _config_text(configs[index]), "status": status}
         rows.append({"kernel": job.kernel, "role": job.role, "dtype": job.dtype,
                      "adapter_dtype": job.adapter_dtype, "block_r": job.block_r, "pruned_configs": job.pruned,
                      "dropout": job.dropout, "used_by": "; ".join(sorted(set(job.used_by))), **row})

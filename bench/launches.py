@@ -1,17 +1,24 @@
-"""The kernel launches of ``hybrid_lora.kernels`` at a shape, and how Triton's JIT specializes each one.
+"""The kernel launches of ``hybrid_lora.kernels`` at a shape, and what Triton's JIT compiles for each one.
 
 ``capture`` runs the real launchers (``lora_forward``, ``lora_backward``,
 ``dropout_keep_mask``) on CPU tensors with every kernel object of the kernel
 modules replaced, for the duration of the call, by a recorder: nothing is
-launched, and the exact arguments the launchers pass are kept.
+launched, and the exact arguments the launchers pass are kept, whatever they are.
 
-``specialize`` turns one launch and one autotune config into what Triton's
-``JITFunction.run`` would compile for a target: the cache key, the
-signature, the constexprs, the attributes (16-byte divisibility) and the
-options. It uses Triton's own binder (``create_function_from_signature`` and
-``JITFunction._pack_args``, as in Triton 3.x), so an integer argument equal to
-1 or divisible by 16 is specialized exactly as at run time. Two launches with
-the same key share one compiled kernel; a new key is a new compile.
+``warmup`` hands one captured launch to the kernel's own ``warmup`` (the
+autotuner's, which prunes its configs as a timed launch would, or the
+JIT's), so Triton's binder specializes the arguments exactly as at run time
+(an integer equal to 1 or divisible by 16, a 16-byte aligned pointer).
+What the JIT then compiles is read through its public compile hooks
+(``triton.knobs.runtime.jit_cache_hook``, ``jit_post_compile_hook``): the cache
+key, the signature, the constants and the attributes. Two launches with the
+same key share one compiled kernel; a new key is a new compile.
+
+The JIT asks the active driver for the device and the target it compiles
+for. ``target_driver`` makes a driver that answers with a chosen target (sm_90
+by default) active for the duration, so all of this runs without a GPU. That
+driver is the one piece of Triton's backend interface this module depends on;
+it is tested on every Triton version CI runs (tests/test_bench_launches.py).
 
 The real kernels are needed: this module refuses to run under
 ``TRITON_INTERPRET=1`` (use ``run_without_interpreter`` from a process that has it).
@@ -182,68 +189,195 @@ def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapte
     return launches
 
 
+# --- the two Triton surfaces this module relies on -------------------------------------------------
+
+class _TargetDriver:
+    """Answers the JIT's questions for one target (and one device key of its own); launches nothing.
+
+    ``JITFunction.run`` asks the active driver for the current device, its
+    stream and its target (Triton 3.6 to 3.9). Anything else it asks is an
+    error naming the attribute, so a Triton that needs more fails loudly here.
+    """
+
+    _count = 0
+
+    def __init__(self, target):
+        _TargetDriver._count += 1
+        self.target = target
+        # A device key no real device has, fresh for each use: the JIT keys its caches by device,
+        # so nothing compiled here is ever launched, and nothing cached elsewhere hides a compile.
+        self.device = f"bench.launches:{target.backend}:{target.arch}:{_TargetDriver._count}"
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def __getattr__(self, name):
+        import triton
+
+        raise RuntimeError(f"Triton {triton.__version__} asked the compile-only driver for {name!r}; "
+                           "bench.launches._TargetDriver answers get_current_target/device/stream only")
+
+
+def current_target():
+    """The target of the GPU this process sees, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    from triton.runtime import driver
+
+    return driver.active.get_current_target()
+
+
+@contextlib.contextmanager
+def target_driver(target=None):
+    """Make a driver that compiles for `target` (default sm_90) the active one, and restore the previous."""
+    from triton.runtime import driver
+
+    stand_in = _TargetDriver(target or sm90())
+    previous = driver._active  # None until a driver was first asked for (on a CPU: never)
+    driver.set_active(stand_in)
+    try:
+        yield stand_in
+    finally:
+        driver._active = previous
+
+
+@contextlib.contextmanager
+def jit_hook(name, hook):
+    """Install `hook` as ``triton.knobs.runtime.<name>`` (``jit_cache_hook`` or ``jit_post_compile_hook``).
+
+    The hook is called with keywords ``key``, ``repr``, ``fn`` (module, name,
+    jit_function), ``compile`` (signature, device, constants, num_warps, ...,
+    configs: the attributes) and more; returning True from ``jit_cache_hook``
+    skips the compile. A hook installed before is still called.
+    """
+    from triton import knobs
+
+    previous = getattr(knobs.runtime, name)
+
+    def chained(**kwargs):
+        skip = hook(**kwargs)
+        if previous is not None:
+            skip = previous(**kwargs) or skip
+        return skip
+
+    setattr(knobs.runtime, name, chained)
+    try:
+        yield
+    finally:
+        setattr(knobs.runtime, name, previous)
+
+
+def sm90():
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", 90, 32)
+
+
+# --- what the JIT compiles ---------------------------------------------------------------------------
+
+OPTION_FIELDS = ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion", "launch_cooperative_grid")
+
+
 @dataclass
 class Specialization:
-    key: str  # Triton's in-memory cache key of the compiled variant
+    kernel: str  # the Python name of the @triton.jit function
+    key: str  # the JIT's in-memory cache key of the compiled variant
     signature: dict
-    constexprs: dict
+    constants: dict
     attrs: dict
-    options: dict
+    options: dict  # OPTION_FIELDS
 
 
-def specialize(launch: Launch, config, target) -> Specialization:
-    """What ``JITFunction.run`` would compile for `launch` with autotune `config` on `target`."""
-    from triton import knobs
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    fn = jit_function(launch.kernel)
+def _warmup(launch: Launch, config=None):
+    """The launch through the kernel's own warmup: with `config`, the JIT alone; without, the autotuner's."""
     kwargs = dict(launch.kwargs)
     if config is not None:
-        kwargs.update(config.all_kwargs())
-    # The options JITFunction.run adds before binding (Triton 3.9).
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
-    key = str((tuple(specialization), str(options)))
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    return Specialization(key, signature, constexprs, attrs, options.__dict__)
+        return jit_function(launch.kernel).warmup(*launch.args, grid=(1,), **kwargs, **config.all_kwargs())
+    return launch.kernel.warmup(*launch.args, grid=(1,), **kwargs)
 
 
-def compiled_variant_counts() -> dict:
-    """{kernel name: variants in Triton's in-memory cache}, summed over devices: what has been compiled so far.
+@contextlib.contextmanager
+def recording_specializations(target=None):
+    """Within: launches given to ``_warmup`` are specialized for `target` and recorded, never compiled.
 
-    Triton 3.x keeps them in ``JITFunction.device_caches[device][0]``; older
-    versions in ``JITFunction.cache[device]``.
+    Yields the list the Specializations are appended to, one per variant the JIT would compile.
     """
-    counts = {}
-    for (_, name), kernel in kernel_objects().items():
-        fn = jit_function(kernel)
-        if hasattr(fn, "device_caches"):
-            counts[name] = sum(len(caches[0]) for caches in fn.device_caches.values())
-        else:
-            counts[name] = sum(len(cache) for cache in fn.cache.values())
-    return counts
+    found = []
+
+    def record(*, key, fn, compile, **_):
+        found.append(Specialization(fn.name, str(key), dict(compile["signature"]), dict(compile["constants"]),
+                                    dict(compile["configs"][0]), {k: compile[k] for k in OPTION_FIELDS}))
+        return True
+
+    with target_driver(target), jit_hook("jit_cache_hook", record):
+        yield found
+
+
+def specialize(launch: Launch, config, target=None) -> Specialization:
+    """What the JIT would compile for `launch` with autotune `config` (None: a plain kernel) on `target`."""
+    with recording_specializations(target) as found:
+        _warmup(launch, config)
+    if len(found) != 1:
+        raise RuntimeError(f"{launch.name}: the JIT's cache hook saw {len(found)} compiles for one config, "
+                           "expected 1")
+    return found[0]
+
+
+def compile_launch(launch: Launch, config, target=None):
+    """Compile `launch` in `config` for `target` through the JIT's own warmup: Triton's CompiledKernel.
+
+    The compiled kernel also lands in Triton's on-disk cache, under the key a
+    launch on a GPU of that target looks up.
+    """
+    with target_driver(target):
+        return _warmup(launch, config)
+
+
+class CompileCounter:
+    """Kernels of ``hybrid_lora.kernels`` the JIT compiled while counting (its post-compile hook)."""
+
+    def __init__(self):
+        self.keys = {}  # kernel name -> {(device, key)}
+
+    def add(self, *, key, fn, compile, **_):
+        if fn.module in KERNEL_MODULES:
+            self.keys.setdefault(fn.name, set()).add((str(compile["device"]), str(key)))
+
+    def counts(self) -> dict:
+        return {name: len(keys) for name, keys in self.keys.items()}
+
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Count the compiles of the kernels inside the block: yields a CompileCounter."""
+    counter = CompileCounter()
+    with jit_hook("jit_post_compile_hook", counter.add):
+        yield counter
 
 
 def variant_counts(M, K, N, ranks, dtype=torch.bfloat16, dropout_p=0.0, target=None, device="cpu") -> dict:
     """{kernel name: {rank: number of distinct compiled variants after launching ranks[0..i]}}.
 
     Counts the distinct JIT cache keys over every config the autotuner times
-    (after its pruning), as a sweep over `ranks` on a GPU fills each kernel's cache.
+    (its own warmup prunes them as a launch would), as a sweep over `ranks`
+    on a GPU fills each kernel's cache.
     """
-    from triton.backends.compiler import GPUTarget
-
-    target = target or GPUTarget("cuda", 90, 32)
     seen, counts = {}, {}
     for rank in ranks:
-        for launch in capture(M, K, N, rank, dtype, dropout_p, device=device):
-            keys = seen.setdefault(launch.name, set())
-            for config in candidate_configs(launch):
-                keys.add(specialize(launch, config, target).key)
+        launches = capture(M, K, N, rank, dtype, dropout_p, device=device)
+        for launch in launches:
+            with recording_specializations(target) as found:
+                _warmup(launch)
+            seen.setdefault(launch.name, set()).update(spec.key for spec in found)
         for name, keys in seen.items():
             counts.setdefault(name, {})[rank] = len(keys)
     return counts
@@ -264,11 +398,9 @@ def main(argv=None):
     parser.add_argument("--target", default="sm90", choices=["sm90", "current"],
                         help="Hopper, or the target of the GPU this process sees")
     args = parser.parse_args(argv)
-    target = None
-    if args.target == "current":
-        from triton.runtime import driver
-
-        target = driver.active.get_current_target()
+    target = current_target() if args.target == "current" else None
+    if args.target == "current" and target is None:
+        parser.error("--target current: no GPU here; expected --target sm90")
     counts = variant_counts(args.M, args.K, args.N, args.ranks, parse_dtype(args.dtype), args.dropout, target)
     print(json.dumps(counts))
 

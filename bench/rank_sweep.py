@@ -3,8 +3,9 @@
 The rank is a runtime argument; kernels are compiled once per rank bucket
 (``rank_block``: 16, 32, 64). Two counts per rank:
 
-* ``compiled_variants``: entries in the Triton caches of every kernel after
-  timing this rank (CUDA only: the CPU interpreter compiles nothing);
+* ``compiled_variants``: kernels the JIT compiled since the sweep began, up to
+  and including this rank (its post-compile hook; CUDA only: the CPU
+  interpreter compiles nothing);
 * ``predicted_variants``: distinct JIT specializations of every launch and
   autotune config up to this rank (``bench.launches``), which needs no GPU.
 
@@ -51,32 +52,33 @@ def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p
         log=print):
     from hybrid_lora.kernels import rank_block
 
-    from .launches import compiled_variant_counts
+    from .launches import counting_compiles
 
     run_stamp = stamp(device)
     r_max = max(64, *ranks)
     predicted = predicted_variant_totals(M, K, N, list(ranks), dtype, dropout_p, device)
     weights = LayerWeights.random(LayerShape(M, K, N, r_max, dtype, r_max, dropout_p), device)
     rows = []
-    for r in ranks:
-        shape = LayerShape(M, K, N, r, dtype, r_max, dropout_p)
-        weights.scale = 32.0 / r
-        layer = build_layer("fused", shape, device, weights=weights)
-        for mode in modes:
-            with layer.context():
-                fn, grads = layer.step(mode)
-                timing = time_fn(fn, device, grad_to_none=grads, rounds=rounds, warmup_ms=min(25, rep_ms),
-                                 rep_ms=rep_ms)
-            compiled = sum(compiled_variant_counts().values()) if device.type == "cuda" else math.nan
-            rows.append({
-                "r": r, "block_r": rank_block(r), "mode": mode, "M": M, "K": K, "N": N, "dtype": dtype_name(dtype),
-                "dropout": dropout_p, "median_ms": round(timing.median_ms, 6), "p20_ms": round(timing.p20_ms, 6),
-                "p80_ms": round(timing.p80_ms, 6),
-                "tflops": float(f"{flops('fused', shape, mode) / (timing.median_ms * 1e-3) / 1e12:.6g}"),
-                "compiled_variants": compiled, "predicted_variants": predicted[r],
-                "note": "" if device.type == "cuda" else NO_GPU_NOTE, "timer": timing.timer, **run_stamp,
-            })
-            log(f"r={r:3d} {mode} {timing.median_ms:.4f} ms  compiled {compiled}  predicted {predicted[r]}")
+    with counting_compiles() as compiles:
+        for r in ranks:
+            shape = LayerShape(M, K, N, r, dtype, r_max, dropout_p)
+            weights.scale = 32.0 / r
+            layer = build_layer("fused", shape, device, weights=weights)
+            for mode in modes:
+                with layer.context():
+                    fn, grads = layer.step(mode)
+                    timing = time_fn(fn, device, grad_to_none=grads, rounds=rounds, warmup_ms=min(25, rep_ms),
+                                     rep_ms=rep_ms)
+                compiled = compiles.total() if device.type == "cuda" else math.nan
+                rows.append({
+                    "r": r, "block_r": rank_block(r), "mode": mode, "M": M, "K": K, "N": N,
+                    "dtype": dtype_name(dtype), "dropout": dropout_p, "median_ms": round(timing.median_ms, 6),
+                    "p20_ms": round(timing.p20_ms, 6), "p80_ms": round(timing.p80_ms, 6),
+                    "tflops": float(f"{flops('fused', shape, mode) / (timing.median_ms * 1e-3) / 1e12:.6g}"),
+                    "compiled_variants": compiled, "predicted_variants": predicted[r],
+                    "note": "" if device.type == "cuda" else NO_GPU_NOTE, "timer": timing.timer, **run_stamp,
+                })
+                log(f"r={r:3d} {mode} {timing.median_ms:.4f} ms  compiled {compiled}  predicted {predicted[r]}")
     return rows
 
 

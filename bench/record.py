@@ -68,6 +68,16 @@ def commit(paths=_CODE_PATHS) -> str:
     return head + ("-dirty" if status else "")
 
 
+def without_local_paths(text: str) -> str:
+    """`text` with this checkout's root and the Python installation's folders written as placeholders."""
+    import sys
+
+    for path, name in sorted({(str(REPO_ROOT), "."), (sys.prefix, "<python>"), (sys.base_prefix, "<python>"),
+                              (str(Path.home()), "~")}, key=lambda pair: -len(pair[0])):
+        text = text.replace(path + "/", "" if name == "." else name + "/").replace(path, name)
+    return text
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

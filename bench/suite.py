@@ -18,13 +18,15 @@ whole harness runs on a CPU (CI) in seconds; its timings are CPU timings.
 import argparse
 import contextlib
 import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 
 from . import compile_counts, e2e, layer_bench, memory, rank_sweep, report
-from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
+from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, without_local_paths, write_csv
 
 STEPS = ("precompile", "layer", "rank_sweep", "memory", "e2e", "compile_counts", "autotune", "report")
 
@@ -120,8 +122,16 @@ def combined_columns() -> list:
     return columns
 
 
+STEP_COLUMNS = ["step", "status", "seconds", "device", "commit", "date"]
+
+
 def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=print) -> dict:
-    """Run the steps not in `skip`; returns {"csv": path, "md": path, "seconds": {step: s}}."""
+    """Run the steps not in `skip`, each on its own: a step that fails is recorded and the next one runs.
+
+    The rows are rewritten to the CSV after every step, so a run cut short
+    keeps what it measured; ``<name>-steps.csv`` says how each step ended.
+    Returns {"csv": path, "md": path, "steps": path, "seconds": {step: s}, "failed": [step]}.
+    """
     from .record import parse_dtype
 
     for step in skip:
@@ -129,30 +139,47 @@ def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=prin
             raise ValueError(f"step {step!r}: expected one of {STEPS}")
     dtype = parse_dtype(config.dtype)
     run_stamp = stamp(device)
-    rows, seconds = [], {}
+    rows, step_rows, seconds, failed = [], [], {}, []
     name = f"{slug(run_stamp['device'])}-{utc_now()[:10]}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    csv_path, md_path, steps_path = out_dir / f"{name}.csv", out_dir / f"{name}.md", out_dir / f"{name}-steps.csv"
+    columns = combined_columns()
+
+    def save():
+        write_csv(csv_path, [{**dict.fromkeys(columns, ""), **row} for row in rows], columns)
+        write_csv(steps_path, step_rows, STEP_COLUMNS)
 
     def timed(step, fn):
         if step in skip:
             log(f"== {step}: skipped")
+            step_rows.append({"step": step, "status": "skipped", "seconds": "", **run_stamp})
+            save()
             return
         log(f"== {step}")
         start = time.perf_counter()
-        for row in fn() or ():
-            rows.append({"bench": step, **row})
+        try:
+            new_rows = [{"bench": step, **row} for row in fn() or ()]
+            status = "ok"
+        except Exception as error:  # one broken step must not cost the measurements of the others
+            log(traceback.format_exc())
+            new_rows, status = [], without_local_paths(f"error: {type(error).__name__}: {error}")[:300]
+            failed.append(step)
+        rows.extend(new_rows)
         seconds[step] = round(time.perf_counter() - start, 1)
-        log(f"== {step}: {seconds[step]} s")
+        step_rows.append({"step": step, "status": status, "seconds": seconds[step], **run_stamp})
+        save()
+        log(f"== {step}: {status}, {seconds[step]} s")
 
     def warm_compile_cache():
-        try:
-            precompile(config, device, workers or max(1, (os.cpu_count() or 2) - 2), log)
-        except Exception as error:  # only a head start: the autotuner compiles whatever is missing
-            log(f"precompile failed ({type(error).__name__}: {error}); the autotuner will compile on first use")
+        compiled = precompile(config, device, workers or max(1, (os.cpu_count() or 2) - 2), log)
+        broken = [row for row in compiled if row["status"] != "ok"]
+        if broken:  # the autotuner skips configs that fail to compile; a failure here is still a finding
+            raise RuntimeError(f"{len(broken)} of {len(compiled)} configs failed to compile, e.g. "
+                               f"{broken[0]['kernel']} [{broken[0]['config']}]: {broken[0]['status']}")
 
     if device.type == "cuda":
         timed("precompile", warm_compile_cache)
+
     def layer_table():
         shapes = [(config.K, config.N, "in_out"), *((K, N, "out_in") for K, N in config.linear_shapes)]
         return [row for K, N, layout in shapes for row in layer_bench.run(
@@ -172,13 +199,17 @@ def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=prin
         timed("compile_counts", lambda: compile_counts.run(device, log=log, **config.compile_counts))
     if device.type == "cuda":
         timed("autotune", lambda: autotune_rows(run_stamp))
-    columns = combined_columns()
-    write_csv(csv_path, [{**dict.fromkeys(columns, ""), **row} for row in rows], columns)
-    if "report" not in skip:
+
+    def write_report():
         report.write_report([csv_path], md_path, title=f"Benchmarks on {run_stamp['device']}", log=log)
-    log(f"wrote {csv_path}" + ("" if "report" in skip else f" and {md_path}"))
+
+    timed("report", write_report)
+    log(f"wrote {csv_path.name}, {steps_path.name}" + ("" if "report" in skip else f" and {md_path.name}")
+        + f" in {out_dir}")
     log("seconds per step: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
-    return {"csv": csv_path, "md": md_path, "seconds": seconds}
+    if failed:
+        log(f"FAILED steps: {', '.join(failed)} (see {steps_path.name})")
+    return {"csv": csv_path, "md": md_path, "steps": steps_path, "seconds": seconds, "failed": failed}
 
 
 def main(argv=None):
@@ -199,18 +230,19 @@ def main(argv=None):
     if args.precompile_only:
         if device.type != "cuda":
             print("precompile: nothing to do without CUDA (the interpreter compiles nothing)")
-            return
+            return 0
         start = time.perf_counter()
         rows = precompile(config, device, workers)
         failed = [row for row in rows if row["status"] != "ok"]
         print(f"precompile: {len(rows)} configs in {time.perf_counter() - start:.0f} s, {len(failed)} failed")
         for row in failed:
             print(f"  {row['kernel']} [{row['config']}]: {row['status']}")
-        return
+        return 1 if failed else 0
     from pathlib import Path
 
-    run(config, device, Path(args.out_dir), skip=args.skip, workers=workers)
+    result = run(config, device, Path(args.out_dir), skip=args.skip, workers=workers)
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

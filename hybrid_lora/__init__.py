@@ -1,8 +1,12 @@
 """hybrid-lora: fused Triton LoRA with a runtime rank, for continual DyLoRA fine-tuning of causal LMs."""
 
-from . import reference
-from .function import fused_lora
-from .layer import LoRAConv1D, LoRALayer, LoRALinear, inject_lora, lora_layers, set_rank
+from . import versions
+
+versions.warn_if_untested()
+
+from . import reference  # noqa: E402
+from .function import fused_lora  # noqa: E402
+from .layer import LoRAConv1D, LoRALayer, LoRALinear, inject_lora, lora_layers, set_rank  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -100,7 +100,8 @@ def _load_hub_split(name, split):
         import datasets
     except ImportError:
         raise Unavailable(f"dataset {name!r} is read with the 'datasets' package, which is not installed; "
-                          "pip install datasets, or give a local .txt/.jsonl/.csv file") from None
+                          "pip install \"hybrid-lora[hub]\" (or pip install datasets), or give a local "
+                          ".txt/.jsonl/.csv file") from None
     try:
         return datasets.load_dataset(name, split=split)
     except OSError as err:  # ConnectionError and the hub's not-found errors are OSErrors

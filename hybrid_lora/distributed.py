@@ -31,6 +31,7 @@ dropout draws a mask for the shape it is given; a process sees its own rows
 from 0, so with any dropout on the runs agree in distribution, not in value.
 """
 
+import inspect
 import os
 from contextlib import nullcontext
 
@@ -182,8 +183,11 @@ class DataParallel:
         # is not broadcast; GPT-2's buffers are constants.
         device_ids = [torch.cuda.current_device() if device.index is None else device.index] \
             if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids,
-                                       forward_sync_buffers=False, init_sync=False, find_unused_parameters=False)
+        # torch 2.13 names the per-forward buffer sync forward_sync_buffers; torch 2.11 broadcast_buffers.
+        known = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=device_ids, init_sync=False, find_unused_parameters=False,
+                                       **no_buffer_sync)
 
     def sync_gradients(self, model, sync):
         """A context for one micro-batch's forward and backward: no gradient all-reduce unless `sync`."""

@@ -94,11 +94,12 @@ def test_fused_matches_the_fp64_reference_at_llama_7b_shapes_in_linear_layout(N_
 
 
 def test_no_recompile_within_a_rank_bucket_on_the_device():
-    from bench.launches import compiled_variant_counts
+    from bench.launches import counting_compiles
 
     x, weight, bias, lora_a, lora_b, grad_y = gpt2_inputs(torch.bfloat16)
     counts = {}
-    for rank in range(17, 33):  # one bucket: rank_block = 32
-        fused_lora(x, weight, bias, lora_a, lora_b, rank=rank, scale=1.0, dropout_p=0.05).backward(grad_y)
-        counts[rank] = sum(compiled_variant_counts().values())
+    with counting_compiles() as compiles:
+        for rank in range(17, 33):  # one bucket: rank_block = 32
+            fused_lora(x, weight, bias, lora_a, lora_b, rank=rank, scale=1.0, dropout_p=0.05).backward(grad_y)
+            counts[rank] = compiles.total()
     assert len(set(counts.values())) == 1, f"kernel variants compiled per rank inside one bucket: {counts}"

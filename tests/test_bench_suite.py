@@ -1,7 +1,9 @@
-"""The whole benchmark harness at toy sizes on the CPU, one timed round: every step runs and its files say
-what they hold. bench/gpu_check drives the same steps on a GPU."""
+"""The whole benchmark harness at toy sizes on the CPU, one timed round: `bench/gpu_check --device cpu --tiny`,
+the dry run of what it does on a GPU, runs every step, and its files say what they hold."""
 
+import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +26,40 @@ CONFIG = suite.tiny_config()
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = suite.run(CONFIG, torch.device("cpu"), out, log=lambda *args: None)
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--device", "cpu", "--tiny", "--out-dir", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, \
+        f"bench/gpu_check --device cpu --tiny failed:\n{run.stdout[-4000:]}\n{run.stderr[-3000:]}"
+    (csv_path,) = [p for p in out.glob("*.csv") if p.stem.endswith(suite.utc_now()[:10])]
+    result = {"out": out, "csv": csv_path, "md": csv_path.with_suffix(".md"),
+              "steps": csv_path.with_name(f"{csv_path.stem}-steps.csv")}
     rows = read_csv(result["csv"])
     return result, {bench: [row for row in rows if row["bench"] == bench] for bench in suite.STEPS}
+
+
+def test_gpu_check_records_every_step_and_writes_no_absolute_path(tiny_run):
+    result, _ = tiny_run
+    steps = {row["step"]: row["status"] for row in read_csv(result["out"] / "gpu_check.csv")}
+    assert steps == {"precompile": "skipped: needs CUDA", "tests": "skipped: needs CUDA", "suite": "ok",
+                     "compile_counts": "ok", "report": "ok"}
+    suite_steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}
+    # compile_counts runs as a step of gpu_check's own, under its own time limit
+    assert suite_steps == {"layer": "ok", "rank_sweep": "ok", "memory": "ok", "e2e": "ok",
+                           "compile_counts": "skipped", "report": "skipped"}
+    local = [str(ROOT), str(result["out"]), sys.prefix, os.path.expanduser("~") + "/"]
+    for path in result["out"].rglob("*"):
+        if path.is_file() and path.suffix != ".png":
+            text = path.read_text()
+            assert not [p for p in local if p in text], f"{path.name} holds a path of this machine"
+
+
+def test_compile_counts_step_writes_its_row(tiny_run):
+    result, rows = tiny_run
+    assert rows["compile_counts"] == []  # not in the suite's file: gpu_check runs it on its own
+    (row,) = read_csv(result["out"] / "compile-counts.csv")
+    assert row["steps"] == "4" and row["widths"] == "2" and row["compile_mode"] == "aot_eager"
+    assert int(row["graphs"]) >= 1 and row["recordings"] == "0" and row["device"]
 
 
 def test_layer_rows_cover_every_provider_and_mode_and_agree_with_themselves(tiny_run):
@@ -41,7 +74,9 @@ def test_layer_rows_cover_every_provider_and_mode_and_agree_with_themselves(tiny
         assert row["status"] == "ok", row
         median, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
         assert 0 < p20 <= median <= p80
-        assert float(row["ratio_to_base"]) == pytest.approx(median / base[row["K"], row["N"], row["mode"]], rel=1e-4)
+        # the file holds the ratio to 6 decimal places
+        assert float(row["ratio_to_base"]) == pytest.approx(median / base[row["K"], row["N"], row["mode"]],
+                                                            rel=1e-4, abs=5e-7)
         shape = LayerShape(int(row["M"]), int(row["K"]), int(row["N"]), max(1, int(row["r"])),
                            parse_dtype(row["dtype"]))
         assert float(row["tflops"]) == pytest.approx(flops(row["provider"], shape, row["mode"]) / median / 1e9,
@@ -114,11 +149,40 @@ def test_gpu_check_dry_run_lists_its_steps():
     out = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--dry-run"], capture_output=True, text=True,
                          check=True).stdout
     steps = out.splitlines()
-    assert len(steps) == 4
+    assert len(steps) == 5
     assert "bench.suite --precompile-only" in steps[0]  # the compile cache first: the tests autotune
     assert "tests/test_bench_gpu.py" in steps[1]
-    assert "-m bench.suite" in steps[2] and "--skip precompile" in steps[2]
-    assert "bench.report --readme" in steps[3]
+    assert "-m bench.suite" in steps[2] and "--skip precompile compile_counts report" in steps[2]
+    assert "-m bench.compile_counts" in steps[3] and "compile-counts.csv" in steps[3]
+    assert "-m bench.report" in steps[4]
+
+
+def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("memory step broken on purpose")
+
+    monkeypatch.setattr(suite.memory, "run", broken)
+    skip = ("layer", "rank_sweep", "report")
+    result = suite.run(suite.tiny_config(), torch.device("cpu"), tmp_path, skip=skip, log=lambda *args: None)
+    assert result["failed"] == ["memory"]
+    steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}
+    assert steps["memory"] == "error: RuntimeError: memory step broken on purpose"
+    assert steps["e2e"] == "ok" and steps["layer"] == "skipped"
+    assert {row["bench"] for row in read_csv(result["csv"])} == {"e2e"}  # the step after the failure ran
+
+
+def test_gpu_check_records_a_step_out_of_time_and_exits_nonzero(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "SUITE_LIMIT": "1"}
+    run = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--device", "cpu", "--tiny", "--out-dir", str(tmp_path),
+                          "--skip", "compile_counts"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1
+    with open(tmp_path / "gpu_check.csv", newline="") as f:
+        steps = {row["step"]: row for row in csv.DictReader(f)}
+    assert steps["suite"]["status"] == "out of time" and steps["suite"]["limit_s"] == "1"
+    assert steps["report"]["status"].startswith("skipped")
+    assert steps["compile_counts"]["status"] == "skipped: --skip compile_counts"
+    assert (tmp_path / "logs" / "suite.log").exists()
+    assert "FAILED: suite report" in run.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

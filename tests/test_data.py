@@ -152,7 +152,7 @@ def test_bad_names_and_files_are_named_in_the_error(tmp_path):
 
 def test_hub_datasets_are_shuffled_with_seed_42_and_the_first_n_selected(monkeypatch):
     """The real `datasets` calls, on a small in-memory stand-in for the hub (no network here)."""
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the hub extra (pip install 'hybrid-lora[hub]')")
 
     splits = {split: datasets.Dataset.from_dict({"text": [f"{split} review {i}" for i in range(50)],
                                                  "label": [i % 2 for i in range(50)]})

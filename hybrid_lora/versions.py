@@ -1,0 +1,60 @@
+"""The torch and Triton releases the package is tested with, and the warning given at import outside them.
+
+The ranges are those of ``pyproject.toml``'s dependencies, which ``.ci/run``
+tests at both ends. Another release may work; nothing has checked it.
+"""
+
+import importlib.metadata
+import re
+import warnings
+
+# [lowest, first untested) release of each, as (major, minor)
+TESTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 10))}
+
+
+class UntestedVersionWarning(UserWarning):
+    """An installed torch or Triton outside the tested range."""
+
+
+def release(version: str) -> tuple:
+    """'2.13.0+cpu' -> (2, 13, 0); '3.10.0.dev20260101' -> (3, 10, 0)."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        raise ValueError(f"version {version!r}: expected a release like '3.6.0'")
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def range_text(name: str) -> str:
+    (lo_major, lo_minor), (hi_major, hi_minor) = TESTED[name]
+    return f">={lo_major}.{lo_minor},<{hi_major}.{hi_minor}"
+
+
+def untested(versions: dict) -> list:
+    """Messages for the packages of `versions` ({name: version or None}) outside their tested range."""
+    messages = []
+    for name, version in versions.items():
+        if version is None:
+            continue
+        low, high = TESTED[name]
+        if not low <= release(version)[:2] < high:
+            others = ", ".join(f"{other} {v}" for other, v in versions.items() if other != name and v)
+            messages.append(f"hybrid_lora is tested with {name} {range_text(name)}, but {name} {version} is "
+                            f"installed (with {others}): the kernels and benchmarks may fail on it; the README's "
+                            "install section lists the tested releases")
+    return messages
+
+
+def installed() -> dict:
+    """{'torch': version, 'triton': version or None}, read from the installed distributions."""
+    import torch
+
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return {"torch": torch.__version__, "triton": triton}
+
+
+def warn_if_untested():
+    for message in untested(installed()):
+        warnings.warn(message, UntestedVersionWarning, stacklevel=3)
