@@ -24,16 +24,16 @@ def run_compiled(code: str) -> str:
     return run.stdout
 
 
-def test_variants_grow_only_when_a_launch_leaves_its_rank_bucket():
+def test_no_rank_adds_a_variant_at_one_adapter_width():
+    # The kernels read the rank from a device tensor: at one width (r_max = 64) every rank,
+    # in every rank bucket, launches the variants the first one compiled.
     out = run_without_interpreter("bench.launches", ["--M", 16, "--K", 16, "--N", 32, "--dtype", "fp32",
-                                                     "--ranks", 1, 2, 16, 17, 33], timeout=300).stdout
+                                                     "--ranks", 1, 2, 16, 17, 33, 64], timeout=300).stdout
     counts = json.loads(out)
     assert {"_skinny_product_kernel", "_fused_forward_kernel", "_fused_grad_x_kernel",
             "_lora_grad_weight_kernel"} <= set(counts)
     for name, per_rank in counts.items():
-        assert per_rank["1"] == per_rank["2"] == per_rank["16"] > 0, (name, per_rank)
-        if name != "_keep_mask_kernel":  # not launched with the rank
-            assert per_rank["16"] < per_rank["17"] < per_rank["33"], (name, per_rank)
+        assert per_rank["1"] > 0 and len(set(per_rank.values())) == 1, (name, per_rank)
 
 
 def test_specialization_is_the_jits_and_compiles_for_sm90():

@@ -162,7 +162,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_pa
         raise RuntimeError("memory step broken on purpose")
 
     monkeypatch.setattr(suite.memory, "run", broken)
-    skip = ("layer", "rank_sweep", "report")
+    skip = ("layer", "rank_sweep", "compile_counts", "report")
     result = suite.run(suite.tiny_config(), torch.device("cpu"), tmp_path, skip=skip, log=lambda *args: None)
     assert result["failed"] == ["memory"]
     steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}
