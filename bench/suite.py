@@ -4,6 +4,8 @@ Steps, in order: warm Triton's compile cache in parallel (GPU only), the layer
 table (bf16, M = 8192, r in {16, 64}, at GPT-2's c_attn and at Llama-7B's
 K = 4096 projections in nn.Linear's layout), the rank sweep (r = 1..64), saved
 activations (dropout on), end-to-end training (seq 128 and 1024, batch 8),
+the compiled graphs and CUDA-graph recordings of a compiled DyLoRA run
+(``bench.compile_counts``; ``bench/gpu_check`` runs it as a step of its own),
 the autotuner's choices, then the markdown report and plots. All rows go to
 ``<out-dir>/<device>-<date>.csv`` with a ``bench`` column; the report to the
 ``.md`` beside it.
