@@ -70,8 +70,9 @@ def _fused_grad_x_kernel(
                       mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
         acc = tl.dot(ds, a_t, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
+        # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
         acc = tl.where(keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_N, K, threshold, BLOCK_N),
-                       acc * tl.to_tensor(keep_scale).to(tl.float32), 0.0)
+                       acc * tl.core.to_tensor(keep_scale).to(tl.float32), 0.0)
 
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
@@ -134,7 +135,7 @@ def _lora_grad_weight_kernel(
         # The transpose is a view of the tile in shared memory, not a copy.
         acc = tl.dot(tl.trans(u), g, acc, input_precision=DOT_PRECISION)
     tl.store(out_ptr + split * stride_os + cs[:, None] * stride_oc + ranks[None, :] * stride_or,
-             acc * tl.to_tensor(scale).to(tl.float32), mask=c_ok[:, None] & (ranks < R)[None, :])
+             acc * tl.core.to_tensor(scale).to(tl.float32), mask=c_ok[:, None] & (ranks < R)[None, :])
 
 
 def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:

@@ -78,7 +78,8 @@ def _skinny_product_kernel(
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
     # fp32 whatever the caller passed (a float64 scale would halve the epilogue's
     # throughput); the scales go once on the accumulator, not on every element.
-    out_scale = tl.load(scale_ptr).to(tl.float32) * tl.to_tensor(out_factor).to(tl.float32)
+    # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
+    out_scale = tl.load(scale_ptr).to(tl.float32) * tl.core.to_tensor(out_factor).to(tl.float32)
     acc = acc * out_scale
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
              acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks < R)[None, :])
