@@ -1,7 +1,8 @@
 """Rank sweep: the fused layer's time at every rank 1..64 at a fixed M, and the kernel variants compiled.
 
-The rank is a runtime argument; kernels are compiled once per rank bucket
-(``rank_block``: 16, 32, 64). Two counts per rank:
+The rank is a runtime argument read on the device; kernels are compiled once
+per bucket of the adapter's width (``rank_block``: 16, 32, 64), here 64 at
+every rank. Two counts per rank:
 
 * ``compiled_variants``: kernels the JIT compiled since the sweep began, up to
   and including this rank (its post-compile hook; CUDA only: the CPU
@@ -9,7 +10,7 @@ The rank is a runtime argument; kernels are compiled once per rank bucket
 * ``predicted_variants``: distinct JIT specializations of every launch and
   autotune config up to this rank (``bench.launches``), which needs no GPU.
 
-A new variant inside a bucket is a recompile the design forbids.
+A new variant at any rank of one adapter is a recompile the design forbids.
 
     python -m bench.rank_sweep --M 8192 --dtype bf16
 """
@@ -71,7 +72,7 @@ def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p
                                      rep_ms=rep_ms)
                 compiled = compiles.total() if device.type == "cuda" else math.nan
                 rows.append({
-                    "r": r, "block_r": rank_block(r), "mode": mode, "M": M, "K": K, "N": N,
+                    "r": r, "block_r": rank_block(r_max), "mode": mode, "M": M, "K": K, "N": N,
                     "dtype": dtype_name(dtype), "dropout": dropout_p, "median_ms": round(timing.median_ms, 6),
                     "p20_ms": round(timing.p20_ms, 6), "p80_ms": round(timing.p80_ms, 6),
                     "tflops": float(f"{flops('fused', shape, mode) / (timing.median_ms * 1e-3) / 1e12:.6g}"),
