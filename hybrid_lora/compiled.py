@@ -29,6 +29,13 @@ import torch
 
 from .errors import BadValue
 from .metrics import model_logits
+from .versions import release
+
+# The oldest torch whose Dynamo compiles the fused op in one graph and follows a
+# rank cut: on torch 2.11 Dynamo refuses to trace into the op's Triton path
+# ("function marked as skipped") and keeps a graph compiled for the adapter's
+# old width after a cut.
+COMPILE_MIN_TORCH = (2, 13)
 
 COMPILE_BACKEND = "inductor"  # what torch.compile lowers to; "aot_eager" skips code generation (tests)
 COMPILE_MODE = None  # "reduce-overhead" adds CUDA graphs on a GPU
@@ -53,5 +60,13 @@ def loss_function(config, parallel, backend=None, mode=None):
     if parallel.world > 1:
         raise BadValue(f"compile=True with {parallel.world} processes: training compiled runs in one process; "
                        "under torchrun train without --compile")
+    if not compile_supported():
+        raise BadValue(f"compile=True with torch {torch.__version__}: training compiled needs torch >= "
+                       f"{'.'.join(map(str, COMPILE_MIN_TORCH))}; train without --compile or upgrade torch")
     return torch.compile(loss, backend=backend or COMPILE_BACKEND, mode=mode or COMPILE_MODE,
                          fullgraph=True, dynamic=False)
+
+
+def compile_supported() -> bool:
+    """Whether this torch compiles the training step (``COMPILE_MIN_TORCH``)."""
+    return release(torch.__version__)[:2] >= COMPILE_MIN_TORCH

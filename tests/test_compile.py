@@ -114,6 +114,12 @@ def _inspecting_backend(found):
     return dynamo_backend
 
 
+needs_compile_support = pytest.mark.skipif(
+    not compiled.compile_supported(),
+    reason=f"training compiled needs torch >= 2.13 (torch {torch.__version__} here)")
+
+
+@needs_compile_support
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_one_graph_for_every_rank_and_seed_with_eager_logits_and_gradients(backend_path, compile_backend):
     model = tiny_lora_gpt2()
@@ -179,6 +185,7 @@ def _train(model, steps, dylora, cut_at, ids, compile_backend=None):
     return [t.detach().clone() for layer in layers for t in (layer.lora_a, layer.lora_b)]
 
 
+@needs_compile_support
 @pytest.mark.parametrize("path, dylora", [("triton", "frozen"), ("torch", "full")])
 def test_compiled_dylora_training_ends_with_the_eager_adapters(path, dylora, monkeypatch):
     monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
@@ -191,3 +198,13 @@ def test_compiled_dylora_training_ends_with_the_eager_adapters(path, dylora, mon
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
     graphs = [g for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes)]
     assert len(graphs) == 2, f"{len(graphs)} graphs for two adapter widths"
+
+
+def test_training_compiled_on_an_older_torch_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from hybrid_lora.errors import BadValue
+
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(BadValue, match=r"torch 2\.11\.0\+cu130: training compiled needs torch >= 2\.13"):
+        compiled.loss_function(SimpleNamespace(compile=True), SimpleNamespace(world=1))
