@@ -97,6 +97,23 @@ def snapshot_adapters(layers):
     return AdapterSnapshot(factors, squared_norm)
 
 
+def _paired(name, layers, snapshot):
+    """[((A, B, s) of the layer, stored factors)] for each layer, checked to match the snapshot."""
+    if not layers:
+        raise ValueError(f"{name}: no LoRA layers given; expected at least one LoRA layer")
+    if len(layers) != len(snapshot.factors):
+        raise ValueError(f"{name}: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
+                         "expected the same layers, in the same order")
+    pairs = []
+    for layer, prev in zip(layers, snapshot.factors):
+        a, b, s = _factors(layer)
+        if prev.a.shape[0] != a.shape[0] or prev.b.shape[1] != b.shape[1]:
+            raise ValueError(f"{name}: stored adapter maps {prev.a.shape[0]} -> {prev.b.shape[1]} "
+                             f"features, the layer {a.shape[0]} -> {b.shape[1]}; expected the same layer")
+        pairs.append(((a, b, s), prev))
+    return pairs
+
+
 def domain_correlation(layers, snapshot, eps=1e-12):
     """1 - cos(delta_W_prev, delta_W_cur) over all layers, with a gradient to the current adapters. Scalar, fp32.
 
@@ -104,17 +121,8 @@ def domain_correlation(layers, snapshot, eps=1e-12):
     Comparing the update matrices, not the flattened factors, keeps the
     comparison aligned when the current rank differs from the stored one.
     """
-    if not layers:
-        raise ValueError("domain_correlation: no LoRA layers given; expected at least one LoRA layer")
-    if len(layers) != len(snapshot.factors):
-        raise ValueError(f"domain_correlation: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
-                         "expected the same layers, in the same order")
     cross, norm_cur = 0.0, 0.0
-    for layer, prev in zip(layers, snapshot.factors):
-        a, b, s = _factors(layer)
-        if prev.a.shape[0] != a.shape[0] or prev.b.shape[1] != b.shape[1]:
-            raise ValueError(f"domain_correlation: stored adapter maps {prev.a.shape[0]} -> {prev.b.shape[1]} "
-                             f"features, the layer {a.shape[0]} -> {b.shape[1]}; expected the same layer")
+    for (a, b, s), prev in _paired("domain_correlation", layers, snapshot):
         cross = cross + adapter_inner(prev.a, prev.b, prev.scale, a, b, s)
         norm_cur = norm_cur + adapter_inner(a, b, s, a, b, s)
     # The Gram form of a squared norm can round a hair below zero; clamp before the root.
@@ -130,17 +138,8 @@ def weight_correlation(layers, snapshot, eps=1e-12):
     Unlike ``domain_correlation`` this depends on how each adapter splits its
     update into components: a permutation of components changes it.
     """
-    if not layers:
-        raise ValueError("weight_correlation: no LoRA layers given; expected at least one LoRA layer")
-    if len(layers) != len(snapshot.factors):
-        raise ValueError(f"weight_correlation: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
-                         "expected the same layers, in the same order")
     cross = norm_prev = norm_cur = 0.0
-    for layer, prev in zip(layers, snapshot.factors):
-        a, b, _ = _factors(layer)
-        if prev.a.shape[0] != a.shape[0] or prev.b.shape[1] != b.shape[1]:
-            raise ValueError(f"weight_correlation: stored adapter maps {prev.a.shape[0]} -> {prev.b.shape[1]} "
-                             f"features, the layer {a.shape[0]} -> {b.shape[1]}; expected the same layer")
+    for (a, b, _), prev in _paired("weight_correlation", layers, snapshot):
         r = min(a.shape[1], prev.a.shape[1])
         a, b, a_prev, b_prev = a[:, :r], b[:r], prev.a[:, :r], prev.b[:r]
         cross = cross + (a * a_prev).sum() + (b * b_prev).sum()
@@ -155,14 +154,8 @@ def l2_to_previous(layers, snapshot):
     Expanded as ||X||^2 - 2 <X, Y> + ||Y||^2 with the Gram form of ``adapter_inner``, so no [in, out]
     matrix is formed and the ranks may differ.
     """
-    if not layers:
-        raise ValueError("l2_to_previous: no LoRA layers given; expected at least one LoRA layer")
-    if len(layers) != len(snapshot.factors):
-        raise ValueError(f"l2_to_previous: {len(layers)} layers but a snapshot of {len(snapshot.factors)}; "
-                         "expected the same layers, in the same order")
     cross, norm_cur = 0.0, 0.0
-    for layer, prev in zip(layers, snapshot.factors):
-        a, b, s = _factors(layer)
+    for (a, b, s), prev in _paired("l2_to_previous", layers, snapshot):
         cross = cross + adapter_inner(prev.a, prev.b, prev.scale, a, b, s)
         norm_cur = norm_cur + adapter_inner(a, b, s, a, b, s)
     return norm_cur - 2.0 * cross + snapshot.squared_norm
