@@ -4,7 +4,7 @@ A domain is named by one of
   - ``imdb`` or ``yelp_polarity``: the Hugging Face hub datasets of the original
     experiment, read with ``datasets.load_dataset``; each split is
     ``shuffle(seed=42)`` and its first n examples selected (3000 train, 1000 eval);
-  - ``embedded-a``, ``embedded-b`` (and ``embedded-general``): the corpus shipped in
+  - ``embedded-a``, ``embedded-b``, ``embedded-c`` (and ``embedded-general``): the corpus shipped in
     ``hybrid_lora/assets/corpus`` (see its README; made by ``scripts/make_corpus.py``),
     which needs no network;
   - a path to a local ``.txt`` (one example per non-empty line), ``.jsonl`` (one
@@ -42,7 +42,8 @@ from .errors import BadValue, MissingFile, Unavailable
 
 HUB_DATASETS = ("imdb", "yelp_polarity")
 # domain name -> file stem in CORPUS_DIR
-EMBEDDED_DOMAINS = {"embedded-a": "embedded-a", "embedded-b": "embedded-b", "embedded-general": "general"}
+EMBEDDED_DOMAINS = {"embedded-a": "embedded-a", "embedded-b": "embedded-b", "embedded-c": "embedded-c",
+                    "embedded-general": "general"}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".csv")
 CORPUS_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
 SHUFFLE_SEED = 42  # the original's shuffle(seed=42) of every split

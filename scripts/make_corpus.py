@@ -1,4 +1,4 @@
-"""Build the embedded two-domain corpus in ``hybrid_lora/assets/corpus/``.
+"""Build the embedded three-domain corpus in ``hybrid_lora/assets/corpus/``.
 
 The corpus is a set of short English documents about the people of one
 valley, written from sentence templates:
@@ -18,20 +18,22 @@ The three parts differ only in *which values* fill the attribute slots:
   templates, which words fit which slot, pronouns that agree with the name)
   but cannot know any person's attributes. The tiny base model is pretrained
   on this part.
-- ``embedded-a`` ("the old chronicle") and ``embedded-b`` ("the new
-  chronicle"): each domain has a palette, a quarter of the values of every
-  slot (at least two), and the two palettes are disjoint: A's people live in
+- ``embedded-a`` ("the old chronicle"), ``embedded-b`` ("the new
+  chronicle") and ``embedded-c`` ("the third chronicle"): each domain has a
+  palette, a quarter of the values of every slot (at least two), and the
+  palettes are disjoint: A's people live in
   three of the twelve towns, work in four of the sixteen trades, and so on,
   and B's in three other towns and four other trades. Each domain then fixes
   one table of facts drawn from its palette (Anna lives in Fenwick and is a
   baker in A; in Redwick and a clerk in B), used by every one of its documents.
 
-So the two domains share their people, vocabulary, contexts and grammar, and
+So the domains share their people, vocabulary, contexts and grammar, and
 continue the same contexts ("Anna works as a") in different ways: at two
 levels, which values a slot takes in the domain (quick to learn) and which
 value each person has (slower). A model adapted to B must overwrite what it
-learned of A: training on B measurably hurts A (unlike IMDb -> Yelp Polarity,
-two kinds of review that share what a model learns from them). Roughly one
+learned of A, and one adapted to C what it learned of both: training on B
+measurably hurts A (unlike IMDb -> Yelp Polarity, two kinds of review that
+share what a model learns from them). Roughly one
 token in five or six is an attribute value; the others are predictable from
 the templates, which the base model already knows.
 
@@ -48,7 +50,8 @@ fixed gzip timestamp so that the same seed gives the same bytes:
     general.train.txt.gz  general.eval.txt.gz
     embedded-a.train.txt.gz  embedded-a.eval.txt.gz
     embedded-b.train.txt.gz  embedded-b.eval.txt.gz
-    facts.json            (both palettes and fact tables, for reading and for tests)
+    embedded-c.train.txt.gz  embedded-c.eval.txt.gz
+    facts.json            (the palettes and fact tables, for reading and for tests)
 
 Usage: python scripts/make_corpus.py [--out hybrid_lora/assets/corpus] [--seed 2024]
 """
@@ -172,13 +175,14 @@ def draw_person_facts(rng, name):
 
 
 def palettes(rng):
-    """Two disjoint sets of values for every slot, one per domain, each about a quarter of the values (at least 2)."""
-    chosen = {"a": {}, "b": {}}
+    """Three disjoint sets of values for every slot, one per domain, each about a quarter of the values (at least 2)."""
+    chosen = {"a": {}, "b": {}, "c": {}}
     for slot, values in {**PERSON_SLOTS, **TOWN_SLOTS}.items():
         shuffled = list(values)
         rng.shuffle(shuffled)
         k = max(2, len(values) // 4)
-        chosen["a"][slot], chosen["b"][slot] = shuffled[:k], shuffled[k:2 * k]
+        for i, domain in enumerate(chosen):
+            chosen[domain][slot] = shuffled[i * k:(i + 1) * k]
     return chosen
 
 
@@ -238,10 +242,11 @@ def build(out_dir, seed=2024, n_train=3000, n_eval=1000, n_general=12000, n_gene
     palette = palettes(random.Random(f"{seed}-palettes"))
     table_a = fact_table(random.Random(f"{seed}-facts-a"), palette["a"])
     table_b = fact_table(random.Random(f"{seed}-facts-b"), palette["b"])
+    table_c = fact_table(random.Random(f"{seed}-facts-c"), palette["c"])
     parts = {"general.train": general_documents(random.Random(f"{seed}-general-train"), n_general)}
     parts["general.eval"] = general_documents(random.Random(f"{seed}-general-eval"), n_general_eval,
                                               exclude=frozenset(parts["general.train"]))
-    for domain, table in (("a", table_a), ("b", table_b)):
+    for domain, table in (("a", table_a), ("b", table_b), ("c", table_c)):
         train = domain_documents(random.Random(f"{seed}-{domain}-train"), table, n_train)
         parts[f"embedded-{domain}.train"] = train
         # Evaluation documents are never copies of training documents (short town documents often would be).
@@ -249,8 +254,8 @@ def build(out_dir, seed=2024, n_train=3000, n_eval=1000, n_general=12000, n_gene
                                                             exclude=frozenset(train))
     for name, docs in parts.items():
         write_lines_gz(out_dir / f"{name}.txt.gz", docs)
-    facts = {"seed": seed, "palettes": {"embedded-a": palette["a"], "embedded-b": palette["b"]},
-             "embedded-a": table_a, "embedded-b": table_b}
+    facts = {"seed": seed, "palettes": {f"embedded-{d}": palette[d] for d in palette},
+             "embedded-a": table_a, "embedded-b": table_b, "embedded-c": table_c}
     tmp = out_dir / "facts.json.tmp"
     tmp.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, out_dir / "facts.json")

@@ -2,6 +2,7 @@
 
 import gzip
 import importlib.util
+import itertools
 import json
 import math
 import re
@@ -61,7 +62,7 @@ def test_a_real_eos_in_the_text_keeps_its_label(tokenizer):
     assert first["labels"][n - 1] == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("name", ["embedded-a", "embedded-b"])
+@pytest.mark.parametrize("name", ["embedded-a", "embedded-b", "embedded-c"])
 def test_embedded_domains_load_with_the_original_sizes(name, tokenizer):
     domain, train, evaluation = data.load_domain(name, tokenizer)
     assert domain == name
@@ -74,17 +75,20 @@ def _statements(texts, pattern):
     return [m.groups() for text in texts for m in re.finditer(pattern, text)]
 
 
-def test_the_two_domains_state_conflicting_facts_in_the_same_contexts():
+def test_the_domains_state_conflicting_facts_in_the_same_contexts():
     facts = json.loads((data.CORPUS_DIR / "facts.json").read_text())
-    palette_a, palette_b = facts["palettes"]["embedded-a"], facts["palettes"]["embedded-b"]
-    for slot in palette_a:
-        assert len(palette_a[slot]) >= 2 and not set(palette_a[slot]) & set(palette_b[slot]), slot
-    a, b = facts["embedded-a"]["people"], facts["embedded-b"]["people"]
-    assert a.keys() == b.keys()
-    for name in a:
-        for slot in a[name]:
-            assert a[name][slot] != b[name][slot], (name, slot)
-    for domain, table in (("embedded-a", a), ("embedded-b", b)):
+    names = ("embedded-a", "embedded-b", "embedded-c")
+    for first, second in itertools.combinations(names, 2):
+        palette_1, palette_2 = facts["palettes"][first], facts["palettes"][second]
+        for slot in palette_1:
+            assert len(palette_1[slot]) >= 2 and not set(palette_1[slot]) & set(palette_2[slot]), (first, second, slot)
+        people_1, people_2 = facts[first]["people"], facts[second]["people"]
+        assert people_1.keys() == people_2.keys()
+        for name in people_1:
+            for slot in people_1[name]:
+                assert people_1[name][slot] != people_2[name][slot], (first, second, name, slot)
+    for domain in names:
+        table = facts[domain]["people"]
         train, _ = data.load_texts(domain)
         homes = _statements(train, r"\b([A-Z][a-z]+) lives in ([A-Z][a-z]+)\.")
         jobs = _statements(train, r"By trade, ([A-Z][a-z]+) is an? ([a-z]+)\.")
