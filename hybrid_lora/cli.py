@@ -3,6 +3,7 @@
     hybrid-lora train                      # the embedded default: hybrid, seed 42, CPU or GPU
     hybrid-lora train --model gpt2 --domains imdb yelp_polarity     # the original experiment
     hybrid-lora compare --variants lora_only hybrid --seeds 42 43 44
+    hybrid-lora compare --study full --jobs 2 --out results/study      # the continual study (--study quick)
     hybrid-lora eval runs/hybrid/seed-42/adapters/stage2-embedded-b.safetensors --sweep
     hybrid-lora export ADAPTER --rank 16 --peft out/peft --merged out/merged
 
@@ -34,6 +35,7 @@ from .files import read_json, write_json, write_text
 from .folder_lock import hold_folder
 from .presets import PRESETS
 from .scaling import SCALE_RULES
+from .study import PLANS
 from .trainer import VARIANTS, TrainConfig
 
 _DEFAULTS = TrainConfig.__dataclass_fields__
@@ -181,6 +183,13 @@ def build_parser():
     compare.add_argument("--gpus", nargs="*", default=None, metavar="ID",
                          help="run the (variant, seed) runs side by side, one process per GPU id given (no id: "
                               "every visible GPU), each a train command with its log in OUT/logs")
+    compare.add_argument("--study", choices=tuple(PLANS), default=None,
+                         help="run the continual study instead of --variants: the method, baselines, their lambda "
+                              "sweeps and ablations over embedded A, B, C in two orders and 3 seeds (full), or "
+                              "its main arms on one order and seed (quick); see hybrid_lora/study.py")
+    compare.add_argument("--jobs", type=_positive_int, default=1,
+                         help="with --study: runs at once on this machine, each its own process (default: "
+                              "%(default)s; on a CPU each gets --threads or its share of the cores)")
     _add_training(compare, variant_flag=False)
     _add_data(compare)
     _add_runtime(compare)
@@ -498,6 +507,55 @@ def _compare_on_gpus(parser, args, specs):
     return 0
 
 
+# What --study leaves to the user: where, on what, how many at once. The study sets everything else.
+_STUDY_FLAGS = ("study", "jobs", "gpus", "out", "device", "threads", "backend", "no_plots", "model", "debug",
+                "help", "parser", "command")
+
+
+def _study(parser, args):
+    from .device_pool import Job, run_on_devices, start_here, start_job, visible_gpus
+    from .study import runs, write_summary
+
+    fixed = [action.option_strings[-1] for action in parser._actions
+             if action.option_strings and action.dest not in _STUDY_FLAGS
+             and getattr(args, action.dest) != action.default]
+    if fixed:
+        parser.error(f"--study sets its own runs; drop {', '.join(fixed)}")
+    if distributed.launched_by_torchrun():
+        parser.error("--study starts one process per run itself; run it without torchrun")
+    plan = PLANS[args.study]
+    out_dir = Path(args.out or Path("runs") / f"study-{plan.name}")
+    runtime = ["--model", args.model]
+    if args.backend != "auto":
+        runtime += ["--backend", args.backend]
+    if args.gpus is not None:
+        slots = args.gpus or visible_gpus()
+        if not slots:
+            parser.error("--gpus: no GPU is visible (CUDA_VISIBLE_DEVICES or torch.cuda.device_count()); "
+                         "give the ids to use")
+        start, describe = start_job, "GPU {}".format
+    else:
+        device = _device(parser, args.device)
+        runtime += ["--device", str(device)]
+        if device.type == "cpu":
+            runtime += ["--threads", str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))]
+        slots = [str(i + 1) for i in range(args.jobs)]
+        start, describe = start_here, f"{device} slot {{}}".format
+    write_json(out_dir / "command.json", {"argv": sys.argv[1:], "plan": plan.name})
+    todo = runs(plan, out_dir, runtime)
+    jobs = [Job(run.name, list(run.argv), out_dir / "logs" / f"{run.arm}-{run.order}-seed-{run.seed}.log")
+            for run in todo]
+    say(f"== study {plan.name}: {len(jobs)} runs in {out_dir}, {len(slots)} at a time")
+    codes = run_on_devices(jobs, slots, start=start, echo=say, describe=describe)
+    failed = [job for job in jobs if codes[job.name] != 0]
+    for job in failed:
+        say(f"== {job.name} failed: see {job.log}")
+    write_summary(plan, out_dir, plot=not args.no_plots, echo=say)
+    print((out_dir / "study.md").read_text(encoding="utf-8"))
+    print(f"outputs in {out_dir}")
+    return 1 if failed else 0
+
+
 def _load_adapter_model(parser, args):
     from .adapter_files import attach_adapter, read_adapter
     from .models import load_model_and_tokenizer
@@ -598,6 +656,8 @@ def _command(parser, args):
         try:
             if args.command == "train":
                 return _train(parser, args, [args.variant], by_variant=False)
+            if args.study is not None:
+                return _study(parser, args)
             return _train(parser, args, args.variants, by_variant=True)
         finally:
             distributed.teardown()

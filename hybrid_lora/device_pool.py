@@ -41,19 +41,28 @@ def visible_gpus(environ=None, count=None):
 
 def start_job(job, device):
     """Start `job` as a subprocess that sees only GPU `device`; its output goes to job.log."""
+    return _start(job, {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)})
+
+
+def start_here(job, slot):
+    """Start `job` as a subprocess on the devices this process sees (`slot` only names its place in the pool)."""
+    return _start(job, dict(os.environ))
+
+
+def _start(job, env):
     job.log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(device)}
     with open(job.log, "w", encoding="utf-8") as log:
         return subprocess.Popen([sys.executable, "-m", "hybrid_lora", *job.argv], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
 
 
-def run_on_devices(jobs, devices, start=start_job, poll_seconds=0.5, echo=None):
+def run_on_devices(jobs, devices, start=start_job, poll_seconds=0.5, echo=None, describe="GPU {}".format):
     """Run every job, in order, at most one per entry of `devices` at a time; return {job.name: exit status}.
 
     start(job, device) returns a process with ``poll()`` (and ``terminate()``):
     ``start_job`` or a stand-in. A run that fails does not stop the others. If
-    the caller is interrupted, the running processes are terminated.
+    the caller is interrupted, the running processes are terminated. describe(device) names a device in
+    the progress lines.
     """
     devices = [str(d) for d in devices]
     if not devices:
@@ -65,7 +74,7 @@ def run_on_devices(jobs, devices, start=start_job, poll_seconds=0.5, echo=None):
                 job, device = pending.pop(0), free.pop(0)
                 running.append((job, device, start(job, device)))
                 if echo is not None:
-                    echo(f"== {job.name}: started on GPU {device} (log: {job.log})")
+                    echo(f"== {job.name}: started on {describe(device)} (log: {job.log})")
             still_running = []
             for job, device, process in running:
                 code = process.poll()
@@ -76,7 +85,7 @@ def run_on_devices(jobs, devices, start=start_job, poll_seconds=0.5, echo=None):
                 free.append(device)
                 if echo is not None:
                     echo(f"== {job.name}: {'finished' if code == 0 else f'failed (exit status {code})'} "
-                         f"on GPU {device}")
+                         f"on {describe(device)}")
             running = still_running
             if running and not (pending and free):
                 time.sleep(poll_seconds)

@@ -153,25 +153,28 @@ def plot_comparison(table, columns, path, echo=print):
     return _save(fig, path)
 
 
-def plot_tradeoff(points, path, echo=print):
-    """Forgetting of the earlier domain (x) against accuracy on the new domain (y), one marker per method.
+def plot_tradeoff(points, path, echo=print, xlabel="forgetting of the earlier domain (accuracy lost)",
+                  ylabel="accuracy on the new domain at the end"):
+    """Forgetting (x) against accuracy on the new domain (y), one marker per method.
 
-    points: [{"label", "forgetting": (mean, std or None), "new": (mean, std or None)}]; a std draws an
-    error bar (over seeds). Lower-right is better on neither axis: the good corner is top-left.
+    points: [{"label", "forgetting": (mean, std or None), "new": (mean, std or None)}, optionally "role"];
+    a std draws an error bar (over seeds); points of one role share a marker. The good corner is top-left.
     """
     if not have_matplotlib():
         if echo is not None:
             echo(NO_MATPLOTLIB)
         return None
-    fig = _figure(6.4, 4.6)
+    markers = {"method": "*", "baseline": "o", "reference": "s", "bound": "D", "sweep": "v", "ablation": "^"}
+    fig = _figure(7.2, 5.0)
     ax = fig.subplots()
     for i, point in enumerate(points):
         (fx, fs), (ny, ns) = point["forgetting"], point["new"]
-        ax.errorbar([fx], [ny], xerr=[fs] if fs else None, yerr=[ns] if ns else None, fmt="o", capsize=3,
-                    label=point["label"], color=f"C{i % 10}")
-    ax.set_xlabel("forgetting of the earlier domain (accuracy lost)")
-    ax.set_ylabel("accuracy on the new domain at the end")
+        ax.errorbar([fx], [ny], xerr=[fs] if fs else None, yerr=[ns] if ns else None,
+                    fmt=markers.get(point.get("role"), "o"), markersize=8 if point.get("role") == "method" else 6,
+                    capsize=3, label=point["label"], color=f"C{i % 10}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title("learning the new domain vs forgetting the old one (top-left is better)", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("learning the new domain vs forgetting the old ones (top-left is better)", fontsize=9)
     return _save(fig, path)

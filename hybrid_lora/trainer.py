@@ -82,7 +82,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" that step (``nonfinite``)
     # the continual method
     lambda_order: float = 1e-4  # weight of the ordering penalty, every stage; 0 turns it off
-    lambda_dc: float = 0.2  # weight of the domain-correlation loss, stages after the first; 0 turns it off
+    lambda_dc: float = 0.3  # weight of the domain-correlation loss, stages after the first; 0 turns it off
     lambda_l2: float = 0.0  # weight of ||delta_W - delta_W of the previous stage||^2 (a baseline); 0 turns it off
     lambda_ewc: float = 0.0  # weight of EWC on the adapters (a baseline, see ewc); 0 turns it off
     ewc_batches: int = 32  # batches of the previous domain the EWC Fisher is estimated from

@@ -137,7 +137,7 @@ def test_compare_writes_a_mean_and_std_table(tmp_path, monkeypatch, capsys):
         cell = summary["table"][variant]["forgetting"]
         expected = mean_std([one["summary"]["forgetting"], two["summary"]["forgetting"]])
         assert cell["mean"] == pytest.approx(expected["mean"]) and cell["std"] == pytest.approx(expected["std"])
-    assert runs["lora_only"][0]["config"]["lambda_dc"] == 0.0 and runs["hybrid"][0]["config"]["lambda_dc"] == 0.2
+    assert runs["lora_only"][0]["config"]["lambda_dc"] == 0.0 and runs["hybrid"][0]["config"]["lambda_dc"] == 0.3
     table = (out / "summary.md").read_text()
     assert "| lora_only | 2 |" in table and "| hybrid | 2 |" in table and " ± " in table
 

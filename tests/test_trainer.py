@@ -88,7 +88,7 @@ def test_defaults_are_the_measured_method_the_original_is_a_preset_and_variants_
     config = TrainConfig()
     assert (config.model_name, config.r_max, config.alpha, config.lora_dropout) == ("gpt2", 64, 32.0, 0.05)
     assert (config.batch_size, config.epochs, config.lr, config.weight_decay) == (8, 3, 5e-5, 0.01)
-    assert (config.lambda_order, config.lambda_dc, config.rank_schedule) == (1e-4, 0.2, (64, 32, 16))
+    assert (config.lambda_order, config.lambda_dc, config.rank_schedule) == (1e-4, 0.3, (64, 32, 16))
     assert (config.seed, config.dylora, config.scale_rule) == (42, "nested", "rslora")
     assert TrainConfig(model_name="embedded").lr == 1e-3  # the embedded base's own rate
     assert TrainConfig(model_name="embedded", lr=2e-4).lr == 2e-4
@@ -101,7 +101,7 @@ def test_defaults_are_the_measured_method_the_original_is_a_preset_and_variants_
         variant_config("hybrid", preset="paper")
     lora_only, dc_only = variant_config("lora_only"), variant_config("dc_only")
     assert (lora_only.lambda_order, lora_only.lambda_dc, lora_only.dylora, lora_only.rank_schedule) == (0, 0, "off", ())
-    assert (dc_only.lambda_order, dc_only.lambda_dc, dc_only.dylora) == (0, 0.2, "off")
+    assert (dc_only.lambda_order, dc_only.lambda_dc, dc_only.dylora) == (0, 0.3, "off")
     assert variant_config("dy_only").lambda_dc == 0 and variant_config("dy_only").rank_schedule == (64, 32, 16)
     assert variant_config("hybrid", lr=1e-3).lr == 1e-3
     assert set(VARIANTS) == {"lora_only", "dy_only", "dc_only", "hybrid", "l2", "ewc", "replay"}
