@@ -75,8 +75,8 @@ def _add_runtime(parser):
 
 def _add_data(parser, train=True):
     parser.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS), metavar="DATASET",
-                        help="domains in training order: imdb, yelp_polarity, embedded-a, embedded-b, embedded-c, or a "
-                             ".txt/.jsonl/.csv file (default: %(default)s)")
+                        help="domains in training order: imdb, yelp_polarity, embedded-a, embedded-b, "
+                             "embedded-c, or a .txt/.jsonl/.csv file (default: %(default)s)")
     if train:
         parser.add_argument("--train-examples", type=_positive_int, default=3000,
                             help="training examples per domain (default: %(default)s, the original's)")

@@ -222,12 +222,12 @@ def markdown(plan, table):
         if not arms:
             continue
         lines += [f"#### Order {' -> '.join(ORDERS[order])}", "",
-                  "| arm | role | settings | seeds | average accuracy | BWT | forgetting | new-domain accuracy |",
+                  "| arm | role | run as | seeds | average accuracy | BWT | forgetting | new-domain accuracy |",
                   "|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             row = table[arm.name][order]
-            settings = " ".join(arm.flags) or "the variant's"
-            lines.append(f"| {arm.name} | {arm.role} | `{settings}` | {len(row['seeds'])} | "
+            settings = f"`{' '.join(arm.flags)}`" if arm.flags else "defaults"
+            lines.append(f"| {arm.name} | {arm.role} | `--variant {arm.variant}` {settings} | {len(row['seeds'])} | "
                          + " | ".join(_cell(row[key]) for key in SCORES) + " |")
         lines.append("")
     for order in plan.orders:
@@ -236,7 +236,8 @@ def markdown(plan, table):
             if row is None or not arm.every_order:
                 continue
             domains = ORDERS[order]
-            lines += [f"R of {arm.name}, order {' -> '.join(domains)} (mean over {len(row['seeds'])} seeds; "
+            seeds = len(row["seeds"])
+            lines += [f"R of {arm.name}, order {' -> '.join(domains)} (mean over {seeds} seed{'s' * (seeds > 1)}; "
                       "row: after the stage, column: evaluated on)", "",
                       "| after | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
             for t, values in enumerate(row["accuracy"]):

@@ -4,7 +4,7 @@
 
 Prints the sections; with --readme, replaces the text between each pair of
 markers in that file (``SECTIONS``: the runs and comparisons, the default's
-four conditions, the sweep the defaults were chosen from). Every number comes
+four conditions, the sweep the defaults were chosen from, the continual study). Every number comes
 from the JSON files under results/; nothing is typed in by hand. The CI test
 tests/test_committed_results.py checks that the README equals what this makes.
 """
@@ -141,6 +141,13 @@ def cpu_seconds(path):
     return float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
 
 
+def cpu_wall_seconds(path):
+    """Elapsed seconds from a `/usr/bin/time -v` report."""
+    fields = dict(line.strip().split(": ", 1) for line in Path(path).read_text().splitlines() if ": " in line)
+    clock = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
+    return sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock)))
+
+
 def conditions_section(results, base):
     """The plain default run against lora_only, condition by condition."""
     root = Path(results) / "default"
@@ -173,6 +180,10 @@ def conditions_section(results, base):
             rows.append(f"| {title} | {ours[3]:.4f} | {theirs[3]:.4f} | {required} | not judged: {seeds} seed(s) |")
         else:
             row(title, f"{ours[3]:.4f}", f"{theirs[3]:.4f}", required, ours[3] < theirs[3] - spread)
+            mean = {v: variants[v]["forgetting"]["mean"] for v in spreads}
+            row(f"the same, mean over the {seeds} seeds of `{label(compare_dir)}`", f"{mean['hybrid']:.4f}",
+                f"{mean['lora_only']:.4f}", f"< {mean['lora_only'] - spread:.4f}",
+                mean["hybrid"] < mean["lora_only"] - spread)
     if ours[4] is not None:
         row("after Stage 1, abs(acc at rank 16 - acc at rank 64) on A", f"{ours[4]:.4f}",
             f"{theirs[4]:.4f}" if theirs[4] is not None else "", "<= 0.005", ours[4] <= 0.005)
@@ -208,10 +219,37 @@ def sweep_section(results, base):
     return "\n".join(lines)
 
 
+def study_section(results, base):
+    """The continual study's tables, made again from its runs' metrics.json (``hybrid_lora.study``)."""
+    from hybrid_lora import study
+
+    root = Path(results) / "study"
+    if not (root / "study.json").is_file():
+        return "No study committed."
+    stored = load(root / "study.json")
+    plan = study.PLANS[stored["plan"]]
+    matrices = study.collect(plan, root)
+    table = study.summarise(plan, matrices)
+    runs = sum(len(by_seed) for by_order in matrices.values() for by_seed in by_order.values())
+    lines = [f"From `{label(root)}`: {runs} (arm, order, seed) results, {plan.train_examples} training and "
+             f"{plan.eval_examples} eval examples per domain, seeds {', '.join(map(str, plan.seeds))}; "
+             "mean ± sample standard deviation over seeds.", "", study.markdown(plan, table)]
+    cpu = cpu_seconds(root / "cpu-time.txt")
+    if cpu is not None:
+        wall = cpu_wall_seconds(root / "cpu-time.txt")
+        lines.append(f"The whole study: {wall / 60:.0f} min wall with `--jobs 2` on the 2-core CPU machine, "
+                     f"{cpu / 60:.0f} min of CPU time (`{label(root / 'cpu-time.txt')}`).")
+        lines.append("")
+    if (root / "pareto.png").is_file():
+        lines.append(f"![forgetting against new-domain accuracy]({os.path.relpath(root, base)}/pareto.png)")
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("<!-- experiment:start -->", "<!-- experiment:end -->", experiment_section),
     ("<!-- conditions:start -->", "<!-- conditions:end -->", conditions_section),
     ("<!-- sweep:start -->", "<!-- sweep:end -->", sweep_section),
+    ("<!-- study:start -->", "<!-- study:end -->", study_section),
 ]
 
 
