@@ -87,3 +87,30 @@ def test_replay_adds_the_same_small_sample_of_every_earlier_domain_and_leaves_ev
     with pytest.raises(ValueError, match="replay fraction 1.5"):
         with_replay(domains, 1.5, seed=7)
     assert variant_config("replay").replay_fraction == 0.02 and variant_config("hybrid").replay_fraction == 0.0
+
+
+def test_replay_pads_a_stage_that_mixes_domains_of_other_lengths_without_changing_any_loss():
+    """Each embedded domain is padded to its own longest text; a replayed example of another length must
+    still batch with the stage's own, and the padding must not change what the model is trained on."""
+    from torch.utils.data import DataLoader
+
+    from hybrid_lora.data import load_domain
+    from hybrid_lora.models import load_model_and_tokenizer
+    from hybrid_lora.replay import padded, with_replay
+
+    model, tokenizer = load_model_and_tokenizer("embedded")
+    domains = [load_domain(name, tokenizer, n_train=40, n_eval=4) for name in ("embedded-a", "embedded-b")]
+    lengths = {train[0]["input_ids"].shape[0] for _, train, _ in domains}
+    assert len(lengths) == 2, "the test needs two domains of different lengths"
+    stage = with_replay(domains, 0.25, seed=3)[1][1]
+    batch = next(iter(DataLoader(stage, batch_size=len(stage))))  # stacks: one length for all
+    assert batch["input_ids"].shape[1] == max(lengths)
+    model.eval()
+    for example in (domains[0][1][0], domains[1][1][0]):
+        longer = padded(example, max(lengths) + 5)
+        with torch.no_grad():
+            losses = [causal_lm_loss(model_logits(model, {k: v[None] for k, v in e.items()}), e["labels"][None])
+                      for e in (example, longer)]
+        assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    with pytest.raises(ValueError, match="expected at most"):
+        padded(domains[0][1][0], 1)
