@@ -157,21 +157,35 @@ def plot_tradeoff(points, path, echo=print, xlabel="forgetting of the earlier do
                   ylabel="accuracy on the new domain at the end"):
     """Forgetting (x) against accuracy on the new domain (y), one marker per method.
 
-    points: [{"label", "forgetting": (mean, std or None), "new": (mean, std or None)}, optionally "role"];
-    a std draws an error bar (over seeds); points of one role share a marker. The good corner is top-left.
+    points: [{"label", "forgetting": (mean, std or None), "new": (mean, std or None)}, optionally "role" and
+    "family"]; a std draws an error bar (over seeds); points of one role share a marker, and a grey line joins
+    the points of one family (a sweep) in order of forgetting. The good corner is top-left.
     """
     if not have_matplotlib():
         if echo is not None:
             echo(NO_MATPLOTLIB)
         return None
+    from matplotlib import colormaps
+
+    colours = colormaps["tab20"]  # more methods than the default cycle's ten colours
     markers = {"method": "*", "baseline": "o", "reference": "s", "bound": "D", "sweep": "v", "ablation": "^"}
     fig = _figure(7.2, 5.0)
     ax = fig.subplots()
+    families = {}
+    for point in points:
+        if point.get("family"):
+            families.setdefault(point["family"], []).append((point["forgetting"][0], point["new"][0]))
+    for family, xy in families.items():
+        if len(xy) > 1:
+            xs, ys = zip(*sorted(xy))
+            ax.plot(xs, ys, color="0.6", linewidth=0.8, zorder=0)
+            ax.annotate(family, sorted(xy)[-1], fontsize=7, color="0.4",
+                        xytext=(4, -10), textcoords="offset points")
     for i, point in enumerate(points):
         (fx, fs), (ny, ns) = point["forgetting"], point["new"]
         ax.errorbar([fx], [ny], xerr=[fs] if fs else None, yerr=[ns] if ns else None,
                     fmt=markers.get(point.get("role"), "o"), markersize=8 if point.get("role") == "method" else 6,
-                    capsize=3, label=point["label"], color=f"C{i % 10}")
+                    capsize=3, label=point["label"], color=colours(i % 20))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

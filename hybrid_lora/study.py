@@ -250,7 +250,9 @@ def markdown(plan, table):
 def pareto_points(plan, table):
     """One point per arm on the first order (where every arm ran): forgetting against new-domain accuracy."""
     order = plan.orders[0]
+    # A regulariser's weights, or lora_only's learning rates, draw one curve: its main arm and its sweep.
     return [{"label": f"{arm.name} ({arm.role})", "role": arm.role,
+             "family": arm.variant if arm.role in ("method", "baseline", "sweep") else None,
              "forgetting": (table[arm.name][order]["forgetting"]["mean"], table[arm.name][order]["forgetting"]["std"]),
              "new": (table[arm.name][order]["new_accuracy"]["mean"], table[arm.name][order]["new_accuracy"]["std"])}
             for arm in plan.arms if order in table.get(arm.name, {})]

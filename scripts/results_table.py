@@ -203,18 +203,17 @@ def sweep_section(results, base):
     runs = sorted((Path(results) / "defaults-sweep").glob("*/seed-*/metrics.json"))
     if not runs:
         return "No sweep committed."
-    # plain LoRA at the same size and seed, from the comparison, as the reference
-    runs += sorted((Path(results) / "default" / "compare").glob("lora_only/seed-42/metrics.json"))
     lines = ["| run | DyLoRA | scale | lambda_DC | lambda_order | lr | examples | gain A (Stage 1) | "
-             "gain B (Stage 2) | forgetting A | rank 16 vs 64 on A |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gain B (Stage 2) | gain B over the base | forgetting A | rank 16 vs 64 on A |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in runs:
         metrics = load(path)
         config, data = metrics["config"], load(path.parent / "config.json")["data"]
-        gain_a, gain_b, _, forget, gap = _gains(metrics)
-        name = path.parent.parent.name if "defaults-sweep" in path.parts else label(path.parent)
+        gain_a, gain_b, over_base, forget, gap = _gains(metrics)
+        name = path.parent.parent.name
         lines.append(f"| `{name}` | {config['dylora']} | {config['scale_rule']} | "
                      f"{config['lambda_dc']:g} | {config['lambda_order']:g} | {config['lr']:g} | "
-                     f"{data['train_examples']}/{data['eval_examples']} | {gain_a:+.4f} | {gain_b:+.4f} | "
+                     f"{data['train_examples']}/{data['eval_examples']} | {gain_a:+.4f} | {gain_b:+.4f} | {over_base:+.4f} | "
                      f"{forget:.4f} | {'' if gap is None else f'{gap:.4f}'} |")
     return "\n".join(lines)
 
@@ -228,17 +227,16 @@ def study_section(results, base):
         return "No study committed."
     stored = load(root / "study.json")
     plan = study.PLANS[stored["plan"]]
-    matrices = study.collect(plan, root)
-    table = study.summarise(plan, matrices)
-    runs = sum(len(by_seed) for by_order in matrices.values() for by_seed in by_order.values())
-    lines = [f"From `{label(root)}`: {runs} (arm, order, seed) results, {plan.train_examples} training and "
+    table = study.summarise(plan, study.collect(plan, root))
+    finished = sum((run.folder(root) / "metrics.json").is_file() for run in study.runs(plan, root))
+    lines = [f"From `{label(root)}`: {finished} runs, {plan.train_examples} training and "
              f"{plan.eval_examples} eval examples per domain, seeds {', '.join(map(str, plan.seeds))}; "
              "mean ± sample standard deviation over seeds.", "", study.markdown(plan, table)]
-    cpu = cpu_seconds(root / "cpu-time.txt")
-    if cpu is not None:
-        wall = cpu_wall_seconds(root / "cpu-time.txt")
-        lines.append(f"The whole study: {wall / 60:.0f} min wall with `--jobs 2` on the 2-core CPU machine, "
-                     f"{cpu / 60:.0f} min of CPU time (`{label(root / 'cpu-time.txt')}`).")
+    timings = sorted(Path(results).glob("study*/cpu-time*.txt"),
+                     key=lambda path: (path.parent.name, path.name != "cpu-time.txt"))
+    for path in timings:
+        lines.append(f"`{label(path)}`: {cpu_wall_seconds(path) / 60:.1f} min wall with `--jobs 2` on the 2-core "
+                     f"CPU machine, {cpu_seconds(path) / 60:.1f} min of CPU time (user + system).")
         lines.append("")
     if (root / "pareto.png").is_file():
         lines.append(f"![forgetting against new-domain accuracy]({os.path.relpath(root, base)}/pareto.png)")

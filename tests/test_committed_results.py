@@ -57,3 +57,13 @@ def test_readme_tables_equal_the_committed_metrics():
         assert shown == make(ROOT / "results", ROOT).strip(), (
             f"README.md between {start} and {end} differs from the committed results; "
             "run python scripts/results_table.py --readme README.md")
+
+
+def test_the_quick_study_repeats_the_full_studys_runs():
+    quick, full = RESULTS / "study-quick", RESULTS / "study"
+    runs = sorted(quick.glob("*/a-b-c/seed-42/metrics.json"))
+    if not runs or not full.is_dir():
+        pytest.skip("no committed study")
+    for path in runs:
+        twin = full / path.relative_to(quick)
+        assert json.loads(path.read_text())["accuracy"] == json.loads(twin.read_text())["accuracy"], path
