@@ -11,7 +11,7 @@ From the accuracy matrices R[t][i] (accuracy on domain i after stage t) each run
 
     average accuracy  mean_i R[T-1][i]
     BWT               mean_{i<T-1} R[T-1][i] - R[i][i]            (Lopez-Paz & Ranzato, 2017)
-    forgetting        mean_{i<T-1} max_{t<T-1} R[t][i] - R[T-1][i]  (Chaudhry et al., 2018)
+    forgetting        mean_{i<T-1} max_{i<=t<T-1} R[t][i] - R[T-1][i]  (Chaudhry et al., 2018)
     new-domain acc    mean_{t>=1} R[t][t]: what each later stage learned, where the regularisers act
 
 and the study reports each as mean ± std over seeds. Methods are compared on the plane of forgetting
