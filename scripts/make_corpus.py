@@ -11,7 +11,7 @@ attributes (home town, trade, favourite food, pet, instrument, best friend;
 for a town: what it is known for and its market day), in a random order and
 with one of several phrasings for each.
 
-The three parts differ only in *which values* fill the attribute slots:
+The parts differ only in *which values* fill the attribute slots:
 
 - ``general``: every slot is drawn afresh, uniformly from all its values, for
   every document. A model trained on it learns English of this kind (the
@@ -21,9 +21,9 @@ The three parts differ only in *which values* fill the attribute slots:
 - ``embedded-a`` ("the old chronicle"), ``embedded-b`` ("the new
   chronicle") and ``embedded-c`` ("the third chronicle"): each domain has a
   palette, a quarter of the values of every slot (at least two), and the
-  palettes are disjoint: A's people live in
-  three of the twelve towns, work in four of the sixteen trades, and so on,
-  and B's in three other towns and four other trades. Each domain then fixes
+  palettes are disjoint: A's people live in three of the twelve towns, work
+  in four of the sixteen trades, and so on, B's in three other towns and four
+  other trades, and C's in three more. Each domain then fixes
   one table of facts drawn from its palette (Anna lives in Fenwick and is a
   baker in A; in Redwick and a clerk in B), used by every one of its documents.
 
@@ -33,9 +33,9 @@ levels, which values a slot takes in the domain (quick to learn) and which
 value each person has (slower). A model adapted to B must overwrite what it
 learned of A, and one adapted to C what it learned of both: training on B
 measurably hurts A (unlike IMDb -> Yelp Polarity, two kinds of review that
-share what a model learns from them). Roughly one
-token in five or six is an attribute value; the others are predictable from
-the templates, which the base model already knows.
+share what a model learns from them). Roughly one token in five or six is an
+attribute value; the others are predictable from the templates, which the
+base model already knows.
 
 Each domain has 3000 training and 1000 evaluation documents (the sizes the
 original experiment selected from IMDb and Yelp); the evaluation documents
