@@ -81,6 +81,12 @@ class LoRALayer(nn.Module):
         # so layers differ and torch.manual_seed repeats them.
         self.dropout_seed.fill_(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
 
+    @classmethod
+    def from_module(cls, module, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
+        """Wrap `module` (a Conv1D for LoRAConv1D, an ``nn.Linear`` for LoRALinear), holding its weight and
+        bias Parameters."""
+        return cls(module.weight, module.bias, r_max=r_max, alpha=alpha, dropout=dropout, scale_rule=scale_rule)
+
     def frozen_weight(self):
         """W as [in, out]: the stored weight or a transposed view of it, never a copy."""
         raise NotImplementedError
@@ -216,11 +222,8 @@ class LoRAConv1D(LoRALayer):
         super().__init__(weight, bias, weight.shape[0], weight.shape[1], r_max, alpha, dropout, scale_rule)
 
     @classmethod
-    def from_module(cls, conv, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
-        """Wrap a Conv1D, holding its weight and bias Parameters."""
-        return cls(conv.weight, conv.bias, r_max=r_max, alpha=alpha, dropout=dropout, scale_rule=scale_rule)
-
-    from_conv1d = from_module
+    def from_conv1d(cls, conv, **kwargs):
+        return cls.from_module(conv, **kwargs)
 
     @property
     def nx(self):
@@ -242,11 +245,6 @@ class LoRALinear(LoRALayer):
         if weight.dim() != 2:
             raise ValueError(f"LoRALinear: weight has shape {tuple(weight.shape)}; expected [out, in]")
         super().__init__(weight, bias, weight.shape[1], weight.shape[0], r_max, alpha, dropout, scale_rule)
-
-    @classmethod
-    def from_module(cls, linear, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
-        """Wrap an ``nn.Linear``, holding its weight and bias Parameters."""
-        return cls(linear.weight, linear.bias, r_max=r_max, alpha=alpha, dropout=dropout, scale_rule=scale_rule)
 
     def frozen_weight(self):
         return self.weight.t()
