@@ -481,15 +481,23 @@ def _child_argv(parser, args, spec, out_dir):
     return argv
 
 
+def _gpu_ids(parser, args):
+    """The GPU ids --gpus gave, or every visible one; exits 2 if there is none."""
+    from .device_pool import visible_gpus
+
+    ids = args.gpus or visible_gpus()
+    if not ids:
+        parser.error("--gpus: no GPU is visible (CUDA_VISIBLE_DEVICES or torch.cuda.device_count()); "
+                     "give the ids to use")
+    return ids
+
+
 def _compare_on_gpus(parser, args, specs):
-    from .device_pool import Job, run_on_devices, visible_gpus
+    from .device_pool import Job, run_on_devices
 
     if distributed.launched_by_torchrun():
         parser.error("--gpus starts one process per run itself; run compare without torchrun")
-    devices = args.gpus or visible_gpus()
-    if not devices:
-        parser.error("--gpus: no GPU is visible (CUDA_VISIBLE_DEVICES or torch.cuda.device_count()); "
-                     "give the ids to use")
+    devices = _gpu_ids(parser, args)
     out_dir = Path(args.out or Path("runs") / "compare")
     jobs = [Job(f"{spec.variant}, seed {spec.seed}", _child_argv(parser, args, spec, out_dir),
                 out_dir / "logs" / f"{spec.variant}-seed-{spec.seed}.log") for spec in specs]
@@ -513,7 +521,7 @@ _STUDY_FLAGS = ("study", "jobs", "gpus", "out", "device", "threads", "backend", 
 
 
 def _study(parser, args):
-    from .device_pool import Job, run_on_devices, start_here, start_job, visible_gpus
+    from .device_pool import Job, run_on_devices, start_here, start_job
     from .study import runs, write_summary
 
     fixed = [action.option_strings[-1] for action in parser._actions
@@ -529,10 +537,7 @@ def _study(parser, args):
     if args.backend != "auto":
         runtime += ["--backend", args.backend]
     if args.gpus is not None:
-        slots = args.gpus or visible_gpus()
-        if not slots:
-            parser.error("--gpus: no GPU is visible (CUDA_VISIBLE_DEVICES or torch.cuda.device_count()); "
-                         "give the ids to use")
+        slots = _gpu_ids(parser, args)
         start, describe = start_job, "GPU {}".format
     else:
         device = _device(parser, args.device)
