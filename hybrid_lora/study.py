@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import read_json, write_json, write_text
-from .summary import mean_std
+from .summary import cell, mean_std
 
 ORDERS = {
     "a-b-c": ("embedded-a", "embedded-b", "embedded-c"),
@@ -107,7 +107,12 @@ class StudyRun:
         return f"{self.arm} {self.order} seed {self.seed}"
 
     def folder(self, out_dir):
-        return Path(out_dir) / self.arm / self.order / f"seed-{self.seed}"
+        return run_folder(out_dir, self.arm, self.order, self.seed)
+
+
+def run_folder(out_dir, arm, where, seed):
+    """The folder of one run: `where` is its order, or for the bound its one domain."""
+    return Path(out_dir) / arm / where / f"seed-{seed}"
 
 
 def runs(plan, out_dir, runtime=()):
@@ -159,7 +164,7 @@ def bound_matrix(own, domains):
 def _bound_own(out_dir, arm, seed, domains):
     own = {}
     for domain in domains:
-        path = Path(out_dir) / arm / domain / f"seed-{seed}" / "metrics.json"
+        path = run_folder(out_dir, arm, domain, seed) / "metrics.json"
         if not path.is_file():
             return None
         own[domain] = read_json(path)["accuracy"][0][0]
@@ -177,7 +182,7 @@ def collect(plan, out_dir):
                     own = _bound_own(out_dir, arm.name, seed, ORDERS[order])
                     matrix = None if own is None else bound_matrix(own, ORDERS[order])
                 else:
-                    path = Path(out_dir) / arm.name / order / f"seed-{seed}" / "metrics.json"
+                    path = run_folder(out_dir, arm.name, order, seed) / "metrics.json"
                     matrix = read_json(path)["accuracy"] if path.is_file() else None
                 if matrix is not None:
                     found.setdefault(arm.name, {}).setdefault(order, {})[seed] = matrix
@@ -194,24 +199,13 @@ def summarise(plan, matrices):
         for order, by_seed in by_order.items():
             scores = [run_scores(m) for m in by_seed.values()]
             T = len(ORDERS[order])
-            mean_r = [[_mean([m[t][i] for m in by_seed.values()]) for i in range(T)] for t in range(T)]
+            mean_r = [[mean_std([m[t][i] for m in by_seed.values()])["mean"] for i in range(T)] for t in range(T)]
             table.setdefault(arm, {})[order] = {
                 "role": plan.arm(arm).role, "seeds": sorted(by_seed),
                 **{key: mean_std([s[key] for s in scores]) for key in SCORES},
                 "accuracy": mean_r,
             }
     return table
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _cell(stats):
-    if stats["mean"] is None:
-        return "n/a"
-    return f"{stats['mean']:.4f}" if stats["std"] is None else f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
 
 def markdown(plan, table):
@@ -228,7 +222,7 @@ def markdown(plan, table):
             row = table[arm.name][order]
             settings = f"`{' '.join(arm.flags)}`" if arm.flags else "defaults"
             lines.append(f"| {arm.name} | {arm.role} | `--variant {arm.variant}` {settings} | {len(row['seeds'])} | "
-                         + " | ".join(_cell(row[key]) for key in SCORES) + " |")
+                         + " | ".join(cell(row[key]) for key in SCORES) + " |")
         lines.append("")
     for order in plan.orders:
         for arm in plan.arms:

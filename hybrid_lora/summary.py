@@ -38,7 +38,8 @@ def aggregate(runs):
     return table
 
 
-def _cell(stats, digits=4):
+def cell(stats, digits=4):
+    """`mean ± std` of a mean_std, the mean alone for one value, n/a for none."""
     if stats["mean"] is None:
         return "n/a"
     if stats["std"] is None:
@@ -53,6 +54,6 @@ def markdown_table(table, columns):
     rule = "|---|---|" + "---|" * len(columns)
     lines = [header, rule]
     for variant, row in table.items():
-        cells = [_cell(row[key]) if key in row else "n/a" for key in columns]
+        cells = [cell(row[key]) if key in row else "n/a" for key in columns]
         lines.append(f"| {variant} | {seeds[variant]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

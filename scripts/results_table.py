@@ -14,6 +14,9 @@ import json
 import os
 from pathlib import Path
 
+from hybrid_lora import study
+from hybrid_lora.summary import cell
+
 START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
 
 
@@ -88,11 +91,7 @@ def compare_section(compare_dir, rel):
              "| variant | seeds | " + " | ".join(columns.values()) + " |",
              "|---|---|" + "---|" * len(columns)]
     for variant, row in table.items():
-        cells = []
-        for key in columns:
-            stats = row[key]
-            cells.append("n/a" if stats["mean"] is None else
-                         f"{stats['mean']:.4f}" + (f" ± {stats['std']:.4f}" if stats["std"] is not None else ""))
+        cells = [cell(row[key]) for key in columns]
         seeds = max(len(s["values"]) for s in row.values())
         lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -133,18 +132,22 @@ def _spread(compare_dir, variant):
     return max(values) - min(values), len(values)
 
 
+def _time_report(path):
+    """The fields of a `/usr/bin/time -v` report: {name: value}."""
+    return dict(line.strip().split(": ", 1) for line in Path(path).read_text().splitlines() if ": " in line)
+
+
 def cpu_seconds(path):
     """User + system seconds from a `/usr/bin/time -v` report, or None if there is none."""
     if not Path(path).is_file():
         return None
-    fields = dict(line.strip().split(": ", 1) for line in Path(path).read_text().splitlines() if ": " in line)
+    fields = _time_report(path)
     return float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
 
 
 def cpu_wall_seconds(path):
     """Elapsed seconds from a `/usr/bin/time -v` report."""
-    fields = dict(line.strip().split(": ", 1) for line in Path(path).read_text().splitlines() if ": " in line)
-    clock = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
+    clock = _time_report(path)["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
     return sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock)))
 
 
@@ -220,8 +223,6 @@ def sweep_section(results, base):
 
 def study_section(results, base):
     """The continual study's tables, made again from its runs' metrics.json (``hybrid_lora.study``)."""
-    from hybrid_lora import study
-
     root = Path(results) / "study"
     if not (root / "study.json").is_file():
         return "No study committed."
