@@ -50,6 +50,23 @@ def assert_close(name, got, want):
     assert err <= bound, f"{name}: max |diff| {err:.3e} > {bound:.3e} (max |want| {scale:.3e})"
 
 
+def assert_matches_reference(y, x, weight, bias, lora_a, lora_b, grad_y, rank, scale, seed, dropout_p):
+    """y, and the dX, dA, dB its backward left, against the fp64 reference with the same dropout mask."""
+    M_x, K_x = x.shape
+    keep = dropout_keep_mask(M_x, K_x, seed, dropout_p, "cuda") if dropout_p > 0 else None
+    d_x, d_w = x.detach().double(), weight.detach().double()
+    d_bias = None if bias is None else bias.detach().double()
+    # The reference sees the bf16-rounded adapters the kernel multiplies with.
+    d_a, d_b = lora_a.detach().to(DTYPE).double(), lora_b.detach().to(DTYPE).double()
+    want_y, _ = reference.lora_forward(d_x, d_w, d_bias, d_a, d_b, rank, scale, keep, dropout_p)
+    want_dx, want_da, want_db = reference.lora_backward(grad_y.double(), d_x, d_w, d_a, d_b, rank, scale,
+                                                        keep, dropout_p)
+    assert_close("y", y, want_y)
+    assert_close("dX", x.grad, want_dx)
+    assert_close("dA", lora_a.grad, want_da)
+    assert_close("dB", lora_b.grad, want_db)
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32], ids=["bf16-adapters", "fp32-adapters"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.05])
 @pytest.mark.parametrize("rank", [16, 33, 64])
@@ -58,17 +75,7 @@ def test_fused_matches_the_fp64_reference_at_gpt2_shape(rank, dropout_p, adapter
     scale, seed = 32.0 / rank, 1234
     y = fused_lora(x, weight, bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=dropout_p, seed=seed)
     y.backward(grad_y)
-    keep = dropout_keep_mask(M, K, seed, dropout_p, "cuda") if dropout_p > 0 else None
-    d = [t.detach().double() for t in (x, weight, bias, lora_a, lora_b)]
-    # The reference sees the bf16-rounded adapters the kernel multiplies with.
-    d[3], d[4] = lora_a.detach().to(DTYPE).double(), lora_b.detach().to(DTYPE).double()
-    want_y, _ = reference.lora_forward(*d, rank, scale, keep, dropout_p)
-    want_dx, want_da, want_db = reference.lora_backward(grad_y.double(), d[0], d[1], d[3], d[4], rank, scale,
-                                                        keep, dropout_p)
-    assert_close("y", y, want_y)
-    assert_close("dX", x.grad, want_dx)
-    assert_close("dA", lora_a.grad, want_da)
-    assert_close("dB", lora_b.grad, want_db)
+    assert_matches_reference(y, x, weight, bias, lora_a, lora_b, grad_y, rank, scale, seed, dropout_p)
     assert lora_a.grad.dtype == adapter_dtype and lora_b.grad.dtype == adapter_dtype
 
 
@@ -81,16 +88,7 @@ def test_fused_matches_the_fp64_reference_at_llama_7b_shapes_in_linear_layout(N_
     scale, seed, dropout_p = 32.0 / rank, 1234, 0.05
     y = fused_lora(x, weight, None, lora_a, lora_b, rank=rank, scale=scale, dropout_p=dropout_p, seed=seed)
     y.backward(grad_y)
-    keep = dropout_keep_mask(M_llama, K_llama, seed, dropout_p, "cuda")
-    d = [t.detach().double() for t in (x, weight, lora_a, lora_b)]
-    d[2], d[3] = lora_a.detach().to(DTYPE).double(), lora_b.detach().to(DTYPE).double()
-    want_y, _ = reference.lora_forward(d[0], d[1], None, d[2], d[3], rank, scale, keep, dropout_p)
-    want_dx, want_da, want_db = reference.lora_backward(grad_y.double(), d[0], d[1], d[2], d[3], rank, scale,
-                                                        keep, dropout_p)
-    assert_close("y", y, want_y)
-    assert_close("dX", x.grad, want_dx)
-    assert_close("dA", lora_a.grad, want_da)
-    assert_close("dB", lora_b.grad, want_db)
+    assert_matches_reference(y, x, weight, None, lora_a, lora_b, grad_y, rank, scale, seed, dropout_p)
 
 
 def test_no_recompile_within_a_rank_bucket_on_the_device():
