@@ -170,7 +170,7 @@ def plan(ranks, dtypes, dropouts, *, M, K, N, mode="all", chosen=None, adapter_d
 
     adapter_dtypes: dtypes of A and B (None: the compute dtype; fp32 is what autocast training passes).
     """
-    from hybrid_lora.kernels import rank_block
+    from hybrid_lora.kernels.configs import rank_block
 
     from .launches import candidate_configs, capture, configs_of, specialize
     from .record import dtype_name

@@ -162,7 +162,9 @@ def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapte
     transpose: W's strides become (1, K), which Triton compiles separately.
     """
     require_compiled_kernels()
-    from hybrid_lora.kernels import dropout_keep_mask, lora_backward, lora_forward
+    from hybrid_lora.kernels.dropout import dropout_keep_mask
+    from hybrid_lora.kernels.lora_backward import lora_backward
+    from hybrid_lora.kernels.lora_forward import lora_forward
 
     adapter_dtype = adapter_dtype or dtype
     x = torch.empty(M, K, dtype=dtype, device=device)

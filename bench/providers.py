@@ -155,7 +155,7 @@ def lora_share(provider: str, shape: LayerShape, mode: str) -> float:
         return 0.0
     width = shape.r
     if provider == "fused":
-        from hybrid_lora.kernels import rank_block
+        from hybrid_lora.kernels.configs import rank_block
 
         block = rank_block(shape.r_max)
         width = -(-shape.r // block) * block

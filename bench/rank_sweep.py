@@ -51,7 +51,7 @@ def predicted_variant_totals(M, K, N, ranks, dtype, dropout_p, device) -> dict:
 
 def run(device, M, ranks, dtype, *, K=768, N=2304, modes=("fwd+bwd",), dropout_p=0.0, rounds=None, rep_ms=100,
         log=print):
-    from hybrid_lora.kernels import rank_block
+    from hybrid_lora.kernels.configs import rank_block
 
     from .launches import counting_compiles
 

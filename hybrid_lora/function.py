@@ -48,7 +48,7 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     tensor (fp64 in the layer, exact for fp64 callers) and the kernels convert
     every float they load or take to fp32 before using it.
     """
-    from .kernels import lora_forward
+    from .kernels.lora_forward import lora_forward
 
     return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
 
@@ -67,7 +67,7 @@ def fused_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, s_down: torch.Ten
 
     A gradient not asked for comes back as an empty [0] tensor (an op returns no None).
     """
-    from .kernels import lora_backward
+    from .kernels.lora_backward import lora_backward
 
     grads = lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
                           needs_grad_x=needs_grad_x, needs_grad_a=needs_grad_a, needs_grad_b=needs_grad_b)
@@ -210,7 +210,9 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
             tensor on x's device (the kernels read it as fp32).
         dropout_p: LoRA dropout on x, in [0, 1). Pass 0 in evaluation.
         seed: seed of the dropout mask: an int in [0, 2**63), a 0-d integer
-            tensor on x's device, or None to draw one from torch's CPU generator.
+            tensor on x's device, or None to draw one on x's device from torch's
+            generator there (no host read; ``torch.utils.checkpoint`` restores
+            that generator, so a recomputed forward draws the same mask).
 
     Under ``torch.autocast``, x, W and b are cast to the autocast dtype; A and B
     keep their dtype and their gradients come back in it.
@@ -229,7 +231,7 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
     if seed is None:
-        seed = torch.randint(0, 2**31 - 1, ()) if dropout_p > 0.0 else 0
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else 0
     device = x.device
     rank = torch.as_tensor(rank, dtype=torch.int64, device=device)
     scale = torch.as_tensor(scale, dtype=torch.float64, device=device)

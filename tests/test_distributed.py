@@ -109,7 +109,9 @@ def torchrun(*args, nproc=2):
 
 
 def launch(argv, log):
-    return subprocess.Popen(argv, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    # From the repository root, as the README's commands run: the root is then first on sys.path.
+    return subprocess.Popen(argv, env=environment(), cwd=Path(__file__).resolve().parents[1], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def finish(process, log, timeout=300):

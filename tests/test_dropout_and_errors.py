@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybrid_lora import fused_lora
-from hybrid_lora.kernels import dropout_keep_mask
+from hybrid_lora.kernels.dropout import dropout_keep_mask
 
 
 def small_inputs(M=4, K=16, N=8, R=8):

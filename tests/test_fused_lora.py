@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybrid_lora import fused_lora, reference
-from hybrid_lora.kernels import dropout_keep_mask
+from hybrid_lora.kernels.dropout import dropout_keep_mask
 
 from conftest import TOLERANCES
 

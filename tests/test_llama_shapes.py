@@ -22,7 +22,7 @@ from triton.runtime.autotuner import Autotuner
 from test_fused_lora import assert_close, make_inputs, reference_outputs
 
 from hybrid_lora import fused_lora
-from hybrid_lora.kernels import dropout_keep_mask
+from hybrid_lora.kernels.dropout import dropout_keep_mask
 
 KERNEL_MODULES = ("hybrid_lora.kernels.skinny", "hybrid_lora.kernels.lora_forward",
                   "hybrid_lora.kernels.lora_backward")
