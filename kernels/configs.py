@@ -23,6 +23,22 @@ def rank_block(rank: int) -> int:
     return min(MAX_RANK_BLOCK, max(MIN_RANK_BLOCK, triton.next_power_of_2(rank)))
 
 
+# Autotune keys hold a bucket of the row count M, never M itself: with dynamic
+# padding, or batches of other lengths, most steps present a new M, and each
+# new key would time every config again (on every process). The bucket is the
+# next power of two, so a key is at most twice its smallest M and 1..70,000
+# rows make 14 keys; below 16 rows every config computes one row tile,
+# so those share a key. Launch grids use the exact M. Kernels take the bucket
+# as an argument they do not read (M_BUCKET, do_not_specialize, so that its
+# value compiles nothing).
+MIN_M_BUCKET = 16
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key's stand-in for M rows: the next power of two, at least MIN_M_BUCKET."""
+    return max(MIN_M_BUCKET, triton.next_power_of_2(M))
+
+
 # A thread holding more than this many elements of an output tile spills on
 # sm_90 in three cases (cuobjdump --dump-resource-usage): with dropout, where it
 # also holds Philox words for its share of the mask tile; in the dX kernel,

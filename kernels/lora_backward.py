@@ -20,21 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import gemm_configs, limit_tile_per_thread, rank_block, weight_grad_configs
+from .configs import gemm_configs, limit_tile_per_thread, m_bucket, rank_block, weight_grad_configs
 from .dropout import drop_threshold, keep_mask
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import grouped_tile
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread(
                      "BLOCK_M", "BLOCK_N", only_with_dropout=False)})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_grad_x_kernel(
     # pointers
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, rank_ptr, seed_ptr,
-    # sizes and scalars
-    M, N, K, threshold, keep_scale,
+    # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
+    M, N, K, M_BUCKET, threshold, keep_scale,
     # strides
     stride_dym, stride_dyn, stride_wk, stride_wn, stride_dsm, stride_dsr,
     stride_ak, stride_ar, stride_dxm, stride_dxk,
@@ -86,14 +86,14 @@ def _fused_grad_x_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(configs=weight_grad_configs(), key=["M", "C", "BLOCK_R", "HAS_DROPOUT"],
+@triton.autotune(configs=weight_grad_configs(), key=["M_BUCKET", "C", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_C")})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _lora_grad_weight_kernel(
     # pointers
     u_ptr, g_ptr, out_ptr, rank_ptr, seed_ptr,
-    # sizes and scalars
-    M, C, R, rows_per_split, threshold, scale,
+    # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
+    M, C, R, M_BUCKET, rows_per_split, threshold, scale,
     # strides
     stride_um, stride_uc, stride_gm, stride_gr, stride_os, stride_oc, stride_or,
     # meta-parameters
@@ -171,7 +171,7 @@ def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_o
 
     _lora_grad_weight_kernel[grid](
         u, g, partial, rank, seed,
-        M, C, R, rows_per_split, drop_threshold(dropout_p), float(keep_scale),
+        M, C, R, m_bucket(M), rows_per_split, drop_threshold(dropout_p), float(keep_scale),
         u.stride(0), u.stride(1), g.stride(0), g.stride(1), *strides,
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=block_r,
     )
@@ -221,7 +221,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
 
         _fused_grad_x_kernel[x_grid](
             grad_y, weight, grad_s, lora_a, grad_x, rank, seed,
-            M, N, K, drop_threshold(dropout_p), keep_scale,
+            M, N, K, m_bucket(M), drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             grad_s.stride(0), grad_s.stride(1), lora_a.stride(0), lora_a.stride(1),
             grad_x.stride(0), grad_x.stride(1),

@@ -18,20 +18,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import gemm_configs, limit_tile_per_thread, rank_block, transposed_weight_at_widest_rank_block
+from .configs import (gemm_configs, limit_tile_per_thread, m_bucket, rank_block,
+                      transposed_weight_at_widest_rank_block)
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import grouped_tile
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K", "BLOCK_R", "stride_wk"],
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread(
                      "BLOCK_M", "BLOCK_N", when=transposed_weight_at_widest_rank_block)})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_forward_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, rank_ptr,
-    # sizes
-    M, N, K,
+    # sizes (M_BUCKET: the autotune key's m_bucket(M), not read)
+    M, N, K, M_BUCKET,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
     stride_br, stride_bn, stride_ym, stride_yn,
@@ -107,7 +108,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
 
     _fused_forward_kernel[gemm_grid](
         x, weight, bias if bias is not None else y, s_down, lora_b, y, rank,
-        M, N, K,
+        M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import down_configs, limit_tile_per_thread, rank_block
+from .configs import down_configs, limit_tile_per_thread, m_bucket, rank_block
 from .dropout import drop_threshold, keep_mask
 
 
@@ -32,14 +32,14 @@ def device_scalar(value, dtype, device) -> torch.Tensor:
     return torch.as_tensor(value, dtype=dtype, device=device).reshape(())
 
 
-@triton.autotune(configs=down_configs(), key=["M", "K", "BLOCK_R", "HAS_DROPOUT"],
+@triton.autotune(configs=down_configs(), key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": limit_tile_per_thread("BLOCK_M", "BLOCK_K")})
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _skinny_product_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr,
-    # sizes and scalars
-    M, K, R, threshold, out_factor,
+    # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
+    M, K, R, M_BUCKET, threshold, out_factor,
     # strides
     stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
     # meta-parameters
@@ -104,7 +104,7 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
 
     _skinny_product_kernel[grid](
         x, a, out, rank, scale, seed,
-        M, K, R, drop_threshold(dropout_p), float(out_factor),
+        M, K, R, m_bucket(M), drop_threshold(dropout_p), float(out_factor),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
