@@ -32,7 +32,7 @@ _INT_DTYPES = frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torc
 def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_a: torch.Tensor, lora_b: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
                        seed: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [M, N], S [M, R]) of the fused forward kernels; S = s D(X) A_r, zero past the rank, kept for backward.
+    """(Y [M, N], S [M, R]) of the fused forward kernels; S = D(X) A_r (unscaled, zero past the rank) is for backward.
 
     x: [M, K]; rank, scale, seed: 0-d tensors on x's device, read by the kernels.
 
@@ -138,15 +138,18 @@ def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p):
     device, so no generator object and no host read enters a graph, and both
     paths drop the same elements for the same seed.
     """
+    dtype = x.dtype
     # c in B's dtype: a 0-d scale does not promote it.
-    coef = (torch.arange(lora_a.shape[1], device=x.device) < rank).to(lora_b.dtype) * scale
-    lora_b = (lora_b * coef[:, None]).to(x.dtype)
+    coef = torch.lt(torch.arange(lora_a.shape[1], device=rank.device), rank).to(lora_b.dtype) * scale
+    lora_b = lora_b * coef.unsqueeze(1)
+    if lora_b.dtype != dtype:  # a .to() that changes nothing is still a dispatch
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
     if dropout_p > 0.0:
-        keep = reference.philox_keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
-        s_down = reference.dropout_input(x, keep, dropout_p) @ lora_a.to(x.dtype)
+        x_dropped = reference.dropout_input(x, reference.philox_keep_mask(seed, *x.shape, dropout_p), dropout_p)
+        s_down = torch.mm(x_dropped, lora_a)
     else:
-        s_down = x @ lora_a.to(x.dtype)
-    y = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+        s_down = torch.mm(x, lora_a)
+    y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
     return torch.addmm(y, s_down, lora_b)
 
 

@@ -1,11 +1,11 @@
 """Backward of the fused LoRA layer: dX, dA[:, :r] and dB[:r, :] (W and b are frozen).
 
-With S = s D(X) A_r saved by the forward (scale included), Y = X W + b + S B_r
-and upstream gradient dY:
+With S = D(X) A_r saved by the forward (unscaled), Y = X W + b + s S B_r and
+upstream gradient dY:
     dS = s dY B_r^T                      [M, R]   ``skinny.skinny_product``
     dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
     dA_r = D(X)^T dS                     [K, R]   ``_lora_grad_weight_kernel``
-    dB_r = S^T dY                        [R, N]   ``_lora_grad_weight_kernel``
+    dB_r = s S^T dY                      [R, N]   ``_lora_grad_weight_kernel``
 (dS is the gradient with respect to the unscaled product D(X) A_r).
 S and dS are stored [M, R] with zeros in the columns past the active rank
 (read, like the scale and the seed, from 0-d device tensors), so dA and dB
@@ -13,7 +13,8 @@ come out [K, R] and [R, N] with zeros past the rank, as autograd gives for the
 sliced adapter, and no shape or grid depends on the rank.
 where D^T(G) = G * keep / (1 - p) applies the same regenerated dropout mask.
 dA and dB reduce over all M rows; they are split over row chunks into fp32
-partial sums (deterministic, no atomics) so that enough programs run.
+partial sums (deterministic, no atomics) so that enough programs run, and the
+scale of dB goes on the fp32 sums.
 """
 
 import torch
@@ -91,22 +92,23 @@ def _fused_grad_x_kernel(
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _lora_grad_weight_kernel(
     # pointers
-    u_ptr, g_ptr, out_ptr, rank_ptr, seed_ptr,
+    u_ptr, g_ptr, out_ptr, rank_ptr, scale_ptr, seed_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, C, R, M_BUCKET, rows_per_split, threshold, scale,
     # strides
     stride_um, stride_uc, stride_gm, stride_gr, stride_os, stride_oc, stride_or,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_DEVICE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Partial[split, c, j] = scale * sum_{m in split} D(U)[m, c] G[m, j] for j < rank, 0 for rank <= j < R.
+    """Partial[split, c, j] = f * sum_{m in split} D(U)[m, c] G[m, j] for j < rank, 0 for rank <= j < R.
 
     One kernel serves both adapter gradients:
-      dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, R], dropout on U;
-      dB_r^T = dY^T S       with U = dY [M, N] (C = N), G = S  [M, R] (scaled), no dropout.
+      dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, R], dropout on U, f = 1 / (1 - p);
+      dB_r^T = s dY^T S     with U = dY [M, N] (C = N), G = S  [M, R], no dropout, f = s.
     Row split `split` covers rows [split * rows_per_split, (split + 1) * rows_per_split).
-    rank and seed are 0-d device tensors; scale is a number (1 / (1 - p) or 1).
+    rank and seed are 0-d device tensors; f is the number `scale`, times the
+    0-d device tensor at scale_ptr with HAS_DEVICE_SCALE.
     Output: fp32 partial sums [SPLITS, C, R] (strided), summed by the launcher.
     Grid: (cdiv(C, BLOCK_C), cdiv(R, BLOCK_R), SPLITS).
     """
@@ -134,8 +136,11 @@ def _lora_grad_weight_kernel(
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(u.dtype)
         # The transpose is a view of the tile in shared memory, not a copy.
         acc = tl.dot(tl.trans(u), g, acc, input_precision=DOT_PRECISION)
+    factor = tl.core.to_tensor(scale).to(tl.float32)
+    if HAS_DEVICE_SCALE:
+        factor = factor * tl.load(scale_ptr).to(tl.float32)
     tl.store(out_ptr + split * stride_os + cs[:, None] * stride_oc + ranks[None, :] * stride_or,
-             acc * tl.core.to_tensor(scale).to(tl.float32), mask=c_ok[:, None] & (ranks < R)[None, :])
+             acc * factor, mask=c_ok[:, None] & (ranks < R)[None, :])
 
 
 def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
@@ -149,10 +154,11 @@ def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
-def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_out):
+def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_out, device_scale=None):
     """sum_m keep_scale * D(U)[m, :]^T G[m, :] via the split kernel, zero past the active rank.
 
-    u: [M, C]; g: [M, R]. Returns [C, R] (dA layout) or, with transpose_out, [R, C] (dB layout).
+    u: [M, C]; g: [M, R]; device_scale: a 0-d device tensor multiplying the sum, or None.
+    Returns [C, R] (dA layout) or, with transpose_out, [R, C] (dB layout).
     """
     M, C = u.shape
     R = g.shape[1]
@@ -170,10 +176,11 @@ def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_o
         return (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(R, block_r), splits)
 
     _lora_grad_weight_kernel[grid](
-        u, g, partial, rank, seed,
+        u, g, partial, rank, device_scale if device_scale is not None else rank, seed,  # rank: never read
         M, C, R, m_bucket(M), rows_per_split, drop_threshold(dropout_p), float(keep_scale),
         u.stride(0), u.stride(1), g.stride(0), g.stride(1), *strides,
-        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=block_r,
+        HAS_DROPOUT=dropout_p > 0.0, HAS_DEVICE_SCALE=device_scale is not None,
+        DOT_PRECISION=dot_precision(u.dtype), BLOCK_R=block_r,
     )
     grad = partial.sum(0) if splits > 1 else partial[0]
     return grad.to(out_dtype)
@@ -184,7 +191,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
     """Launch the backward. Inputs are already validated by the caller.
 
     grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, R], the
-    scaled S from the forward (zero past the rank); weight: [K, N]; lora_a:
+    unscaled S from the forward (zero past the rank); weight: [K, N]; lora_a:
     [K, R]; lora_b: [R, N]; rank, scale, seed: 0-d device tensors (integer,
     fp32, int64) or numbers.
     Returns (dX [M, K] or None, dA [K, R] or None, dB [R, N] or None); dA and dB
@@ -206,6 +213,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
     precision = dot_precision(x.dtype)
     keep_scale = 1.0 / (1.0 - dropout_p)
     rank = device_scalar(rank, torch.int32, x.device)
+    scale = device_scalar(scale, torch.float32, x.device)
     seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
 
     grad_s = None
@@ -231,5 +239,6 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
     if needs_grad_a:
         grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, lora_a.dtype, transpose_out=False)
     if needs_grad_b:
-        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, lora_b.dtype, transpose_out=True)
+        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, lora_b.dtype, transpose_out=True,
+                              device_scale=scale)
     return grad_x, grad_a, grad_b

@@ -2,12 +2,19 @@
 
 Two launches, so that the down-projection is computed once and not once per
 output tile:
-1. ``skinny.skinny_product``: S = s D(X) A[:, :r], a skinny product (memory
-   bound: it reads X once), stored [M, R] with zeros past the active rank.
-   S, with the scale folded in, is kept for the backward.
+1. ``skinny.skinny_product``: S = D(X) A[:, :r], a skinny product (memory
+   bound: it reads X once), stored [M, R] in X's dtype with zeros past the
+   active rank, and kept for the backward.
 2. ``_fused_forward_kernel``: the frozen GEMM X W, whose reduction loop
-   continues over the rank with S and B, then the bias: one pass over Y.
-   This is the reduction ``[X | S] @ [W ; B]`` of length K + r.
+   continues over the rank with S and s B, then the bias: one pass over Y.
+   This is the reduction ``[X | S] @ [W ; s B]`` of length K + r.
+
+The scale multiplies B's tile (in fp32, then X's dtype), not S: S is as large
+as X times A, and an outlier input channel (LLM activations carry some in the
+tens of thousands) times a scale of 32 leaves fp16's range (65,504) while the
+output, s S B with B small, stays inside it. Keeping S unscaled keeps it in
+X's dtype at X's cost; an fp32 S would double its memory and make the rank
+loop an fp32 product.
 
 The rank r, the scale s and the dropout seed are 0-d device tensors read by
 the kernels, so shapes, grids and autotune keys depend on the adapter width R
@@ -30,7 +37,7 @@ from .tiling import grouped_tile
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_forward_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, rank_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, rank_ptr, scale_ptr,
     # sizes (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, N, K, M_BUCKET,
     # strides
@@ -40,10 +47,10 @@ def _fused_forward_kernel(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y = X W + bias + S B[:rank, :].
+    """Y = X W + bias + S (scale B[:rank, :]).
 
-    X: [M, K], W: [K, N], bias: [N], S: [M, R] (already scaled), B: [R, N], Y: [M, N];
-    rank: a 0-d integer tensor, 1 <= rank <= R.
+    X: [M, K], W: [K, N], bias: [N], S: [M, R] (unscaled), B: [R, N], Y: [M, N];
+    rank and scale: 0-d device tensors (integer, float), 1 <= rank <= R.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
     so that neighbouring programs share W tiles in L2.
     """
@@ -68,13 +75,15 @@ def _fused_forward_kernel(
     # two steps long, so it is not software-pipelined (that would only cost
     # shared memory).
     rank = tl.load(rank_ptr).to(tl.int32)
+    scale = tl.load(scale_ptr).to(tl.float32)
     for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < rank
         s = tl.load(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         b = tl.load(b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0).to(s.dtype)
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        b = (b.to(tl.float32) * scale).to(s.dtype)
         acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -89,8 +98,8 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
     lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
     rank, scale, seed: 0-d device tensors (integer, fp32, int64) or numbers.
-    Returns (Y [M, N], S [M, R]), both in x's dtype: S[:, :rank] = scale *
-    D(X) A[:, :rank] and S[:, rank:] = 0.
+    Returns (Y [M, N], S [M, R]), both in x's dtype: S[:, :rank] = D(X) A[:, :rank]
+    (unscaled) and S[:, rank:] = 0.
     """
     M, K = x.shape
     N = weight.shape[1]
@@ -101,13 +110,14 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     block_r = rank_block(R)
     precision = dot_precision(x.dtype)
     rank = device_scalar(rank, torch.int32, x.device)
-    s_down = skinny_product(x, lora_a, rank, scale, 1.0 / (1.0 - dropout_p), dropout_p, seed)
+    scale = device_scalar(scale, torch.float32, x.device)
+    s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed)
 
     def gemm_grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fused_forward_kernel[gemm_grid](
-        x, weight, bias if bias is not None else y, s_down, lora_b, y, rank,
+        x, weight, bias if bias is not None else y, s_down, lora_b, y, rank, scale,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),

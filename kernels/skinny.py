@@ -43,16 +43,18 @@ def _skinny_product_kernel(
     # strides
     stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_DEVICE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """S[m, j] = scale * out_factor * sum_k D(X)[m, k] A[k, j] for j < rank, and S[m, j] = 0 for rank <= j < R.
 
-    X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) and scale (fp32)
-    are read from 0-d device tensors, the dropout seed (int64) too. D(X) = X *
-    keep / (1 - p) with HAS_DROPOUT, else X. It serves the forward's S = s D(X)
-    A_r (out_factor = 1 / (1 - p)) and the backward's dS = s dY B_r^T (X = dY,
-    A = B^T through its strides, no dropout). Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
+    X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) and, with
+    HAS_DEVICE_SCALE, scale (float) are read from 0-d device tensors (scale = 1
+    without), the dropout seed (int64) too. D(X) = X * keep / (1 - p) with
+    HAS_DROPOUT, else X. It serves the forward's S = D(X) A_r (out_factor =
+    1 / (1 - p), no scale: see lora_forward) and the backward's dS = s dY B_r^T
+    (X = dY, A = B^T through its strides, no dropout).
+    Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
@@ -79,7 +81,9 @@ def _skinny_product_kernel(
     # fp32 whatever the caller passed (a float64 scale would halve the epilogue's
     # throughput); the scales go once on the accumulator, not on every element.
     # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
-    out_scale = tl.load(scale_ptr).to(tl.float32) * tl.core.to_tensor(out_factor).to(tl.float32)
+    out_scale = tl.core.to_tensor(out_factor).to(tl.float32)
+    if HAS_DEVICE_SCALE:
+        out_scale = out_scale * tl.load(scale_ptr).to(tl.float32)
     acc = acc * out_scale
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
              acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks < R)[None, :])
@@ -89,14 +93,15 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
     """scale * out_factor * D(x) a[:, :rank], zero-padded to [M, R], in x's dtype.
 
     x: [M, K]; a: [K, R], any strides; rank, scale, seed: 0-d device tensors
-    (int, fp32, int64) or numbers.
+    (int, fp32, int64) or numbers; scale None for none.
     """
     M, K = x.shape
     R = a.shape[1]
     out = torch.empty((M, R), dtype=x.dtype, device=x.device)
     block_r = rank_block(R)
     rank = device_scalar(rank, torch.int32, x.device)
-    scale = device_scalar(scale, torch.float32, x.device)
+    has_device_scale = scale is not None
+    scale = device_scalar(scale, torch.float32, x.device) if has_device_scale else rank  # rank: a pointer never read
     seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
 
     def grid(meta):
@@ -106,6 +111,7 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
         x, a, out, rank, scale, seed,
         M, K, R, m_bucket(M), drop_threshold(dropout_p), float(out_factor),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        HAS_DROPOUT=dropout_p > 0.0, HAS_DEVICE_SCALE=has_device_scale, DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=block_r,
     )
     return out
