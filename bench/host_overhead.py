@@ -1,0 +1,194 @@
+"""Host time per layer call at a launch-bound shape: hybrid-lora's layer vs peft's LoRA vs the plain layer.
+
+At ``nn.Linear`` 64 -> 64 with 8 rows and r = 16 the arithmetic is nothing:
+a forward and backward costs what the Python wrapper and the dispatcher spend
+on the host, which is what decides an eager step at small batch sizes on a
+GPU (a Llama-7B with every projection adapted calls the layer 224 times per
+forward). Each provider wraps the same ``nn.Linear``:
+
+- ``plain``: the ``nn.Linear`` alone;
+- ``peft``: peft's LoRA on it (``inject_adapter_in_model``);
+- ``ours``: ``hybrid_lora.LoRALinear.from_module`` at r_max = r, on the
+  backend path asked for (``--backend``; ``auto`` is the Triton kernels on a
+  GPU).
+
+One call is ``layer(x).backward(grad_y)`` with x requiring grad. Providers
+take turns in every round (the order rotates), each timing ``--calls`` calls,
+so drifts of the machine touch all alike; the figure is the median over
+rounds of microseconds per call, and the ratios are of medians measured in
+this one process. On a GPU the time is wall time with CUDA synchronized at
+the end of a round; on a CPU, with one torch thread (``--threads 1``), it is
+the calling thread's CPU time, which leaves out the time other processes
+hold the core.
+
+    python -m bench.host_overhead                        # bench/results/host-overhead-<device>-<date>.csv
+    python -m bench.host_overhead --device cpu --backend torch --threads 1
+"""
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+import time
+
+import torch
+
+from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
+
+PROVIDERS = ("plain", "peft", "ours")
+COLUMNS = ["provider", "backend", "M", "K", "N", "r", "dtype", "us_per_call", "us_p20", "us_p80",
+           "over_peft", "over_plain", "calls", "rounds", "threads", "device", "commit", "date"]
+
+
+@contextlib.contextmanager
+def backend_path(name):
+    """HYBRID_LORA_BACKEND set to `name` ('auto': unset) while the block runs, and the op told so."""
+    from hybrid_lora import backend
+
+    previous = os.environ.pop("HYBRID_LORA_BACKEND", None)
+    if name != "auto":
+        os.environ["HYBRID_LORA_BACKEND"] = name
+    backend.refresh()
+    try:
+        yield
+    finally:
+        os.environ.pop("HYBRID_LORA_BACKEND", None)
+        if previous is not None:
+            os.environ["HYBRID_LORA_BACKEND"] = previous
+        backend.refresh()
+
+
+@contextlib.contextmanager
+def cpu_threads(n):
+    """torch's intra-op threads set to `n` while the block runs (None: leave as they are)."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build(provider, linear, r):
+    """The layer of `provider` around a copy of `linear`, adapters live (B != 0)."""
+    linear = copy.deepcopy(linear)
+    if provider == "plain":
+        return linear
+    if provider == "ours":
+        from hybrid_lora import LoRALinear
+
+        layer = LoRALinear.from_module(linear, r_max=r, alpha=float(r))
+        with torch.no_grad():
+            layer.lora_b.normal_(0.0, 0.1)
+        return layer.train()
+    if provider == "peft":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        holder = torch.nn.Module()
+        holder.proj = linear
+        holder = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], bias="none"),
+                                         holder)
+        with torch.no_grad():
+            holder.proj.lora_B["default"].weight.normal_(0.0, 0.1)
+        return holder.proj.train()
+    raise ValueError(f"provider {provider!r}: expected one of {PROVIDERS}")
+
+
+def _timed_calls(layer, x, grad_y, calls, device):
+    """Microseconds per call: wall time with CUDA synchronized at the end; on a CPU, this thread's CPU time.
+
+    With one torch thread a CPU call runs wholly on the calling thread, and its
+    CPU time leaves out the time other processes on a shared machine hold the core.
+    """
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    start = clock()
+    for _ in range(calls):
+        layer(x).backward(grad_y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (clock() - start) / calls * 1e6
+
+
+def measure(device, *, providers=PROVIDERS, M=8, K=64, N=64, r=16, dtype=torch.float32, calls=200, rounds=15,
+            warmup=20, backend="auto"):
+    """{provider: [microseconds per call, one per round]} for fwd+bwd at [M, K] -> N, rank r."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(K, N).to(device=device, dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(M, N, device=device, dtype=dtype)
+    with backend_path(backend):
+        layers = {p: build(p, linear, r) for p in providers}
+        for layer in layers.values():
+            _timed_calls(layer, x, grad_y, warmup, device)  # autotuning, allocator, first-call paths
+        times = {p: [] for p in providers}
+        for i in range(rounds):
+            order = providers[i % len(providers):] + providers[:i % len(providers)]
+            for p in order:
+                times[p].append(_timed_calls(layers[p], x, grad_y, calls, device))
+    return times
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(device, *, backends=("auto",), threads=None, M=8, K=64, N=64, r=16, dtype=torch.float32, calls=200,
+        rounds=15, providers=PROVIDERS):
+    """One row per provider and backend path; ``plain`` and ``peft`` do not depend on the path."""
+    run_stamp = stamp(device)
+    rows = []
+    with cpu_threads(threads if device.type == "cpu" else None):
+        n_threads = torch.get_num_threads() if device.type == "cpu" else ""
+        for backend in backends:
+            times = measure(device, providers=tuple(providers), M=M, K=K, N=N, r=r, dtype=dtype, calls=calls,
+                            rounds=rounds, backend=backend)
+            median = {p: statistics.median(t) for p, t in times.items()}
+            for p, t in times.items():
+                rows.append({
+                    "provider": p, "backend": backend if p == "ours" else "", "M": M, "K": K, "N": N,
+                    "r": 0 if p == "plain" else r, "dtype": str(dtype).removeprefix("torch."),
+                    "us_per_call": round(median[p], 2), "us_p20": round(_quantile(t, 0.2), 2),
+                    "us_p80": round(_quantile(t, 0.8), 2),
+                    "over_peft": round(median[p] / median["peft"], 3) if "peft" in median else "",
+                    "over_plain": round(median[p] / median["plain"], 3) if "plain" in median else "",
+                    "calls": calls, "rounds": rounds, "threads": n_threads, **run_stamp,
+                })
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| provider | backend | us per fwd+bwd call (p20-p80) | / peft | / plain |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['provider']} | {row['backend'] or '-'} | {row['us_per_call']:.1f} "
+                     f"({row['us_p20']:.1f}-{row['us_p80']:.1f}) | {row['over_peft']} | {row['over_plain']} |")
+    first = rows[0]
+    lines.append(f"\n{first['device']}, {first['threads'] or 'GPU'} threads, M={first['M']} K={first['K']} "
+                 f"N={first['N']} r={rows[-1]['r']} {first['dtype']}, median of {first['rounds']} rounds of "
+                 f"{first['calls']} calls; commit {first['commit']}, {first['date']}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--backend", nargs="+", default=None, choices=("auto", "triton", "torch"),
+                        help="backend paths of our layer (default: auto and torch on CUDA, torch on a CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default: %(default)s)")
+    parser.add_argument("--calls", type=int, default=200, help="calls per round (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per provider (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="CSV path (default: bench/results/host-overhead-<device>-<date>.csv)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    backends = args.backend or (["auto", "torch"] if device.type == "cuda" else ["torch"])
+    rows = run(device, backends=backends, threads=args.threads, calls=args.calls, rounds=args.rounds)
+    print(markdown(rows))
+    out = args.out or RESULTS_DIR / f"host-overhead-{slug(rows[0]['device'])}-{utc_now()[:10]}.csv"
+    print(f"wrote {write_csv(out, rows, COLUMNS)}")
+
+
+if __name__ == "__main__":
+    main()
