@@ -19,7 +19,9 @@ rounds of microseconds per call, and the ratios are of medians measured in
 this one process. On a GPU the time is wall time with CUDA synchronized at
 the end of a round; on a CPU, with one torch thread (``--threads 1``), it is
 the calling thread's CPU time, which leaves out the time other processes
-hold the core.
+hold the core. On a GPU it also times the first calls at a token count in a
+new M bucket (the kernels autotune there) and in the same bucket (they must
+not), next to a steady call (``call`` column).
 
     python -m bench.host_overhead                        # bench/results/host-overhead-<device>-<date>.csv
     python -m bench.host_overhead --device cpu --backend torch --threads 1
@@ -37,7 +39,7 @@ import torch
 from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
 
 PROVIDERS = ("plain", "peft", "ours")
-COLUMNS = ["provider", "backend", "M", "K", "N", "r", "dtype", "us_per_call", "us_p20", "us_p80",
+COLUMNS = ["provider", "backend", "call", "M", "K", "N", "r", "dtype", "us_per_call", "us_p20", "us_p80",
            "over_peft", "over_plain", "calls", "rounds", "threads", "device", "commit", "date"]
 
 
@@ -148,7 +150,8 @@ def run(device, *, backends=("auto",), threads=None, M=8, K=64, N=64, r=16, dtyp
             median = {p: statistics.median(t) for p, t in times.items()}
             for p, t in times.items():
                 rows.append({
-                    "provider": p, "backend": backend if p == "ours" else "", "M": M, "K": K, "N": N,
+                    "provider": p, "backend": backend if p == "ours" else "", "call": "steady",
+                    "M": M, "K": K, "N": N,
                     "r": 0 if p == "plain" else r, "dtype": str(dtype).removeprefix("torch."),
                     "us_per_call": round(median[p], 2), "us_p20": round(_quantile(t, 0.2), 2),
                     "us_p80": round(_quantile(t, 0.8), 2),
@@ -159,11 +162,37 @@ def run(device, *, backends=("auto",), threads=None, M=8, K=64, N=64, r=16, dtyp
     return rows
 
 
+def autotune_cost(device, *, first_M=1000, second_M=1010, K=64, N=64, r=16, dtype=torch.float32):
+    """Rows for the first fwd+bwd calls of our layer at a token count in a new M bucket, then at another in
+    the same bucket, and a steady call: what a batch of a new length costs while the kernels autotune.
+
+    Only where the autotuner has several configs to time (CUDA); the interpreter has one.
+    """
+    from hybrid_lora.kernels.configs import m_bucket
+
+    assert m_bucket(first_M) == m_bucket(second_M)
+    run_stamp, rows = stamp(device), []
+    torch.manual_seed(0)
+    layer = build("ours", torch.nn.Linear(K, N).to(device=device, dtype=dtype), r)
+    with backend_path("auto"):
+        for call, M in (("first, new M bucket", first_M), ("first, same M bucket", second_M),
+                        ("steady", second_M)):
+            x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+            us = _timed_calls(layer, x, torch.randn(M, N, device=device, dtype=dtype), 1, device)
+            rows.append({"provider": "ours", "backend": "auto", "call": call, "M": M, "K": K, "N": N, "r": r,
+                         "dtype": str(dtype).removeprefix("torch."), "us_per_call": round(us, 2), "us_p20": "",
+                         "us_p80": "", "over_peft": "", "over_plain": "", "calls": 1, "rounds": 1, "threads": "",
+                         **run_stamp})
+    return rows
+
+
 def markdown(rows) -> str:
-    lines = ["| provider | backend | us per fwd+bwd call (p20-p80) | / peft | / plain |", "|---|---|---|---|---|"]
+    lines = ["| provider | backend | call | M | us per fwd+bwd call (p20-p80) | / peft | / plain |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['provider']} | {row['backend'] or '-'} | {row['us_per_call']:.1f} "
-                     f"({row['us_p20']:.1f}-{row['us_p80']:.1f}) | {row['over_peft']} | {row['over_plain']} |")
+        spread = f" ({row['us_p20']:.1f}-{row['us_p80']:.1f})" if row["us_p20"] != "" else ""
+        lines.append(f"| {row['provider']} | {row['backend'] or '-'} | {row['call']} | {row['M']} | "
+                     f"{row['us_per_call']:.1f}{spread} | {row['over_peft']} | {row['over_plain']} |")
     first = rows[0]
     lines.append(f"\n{first['device']}, {first['threads'] or 'GPU'} threads, M={first['M']} K={first['K']} "
                  f"N={first['N']} r={rows[-1]['r']} {first['dtype']}, median of {first['rounds']} rounds of "
@@ -185,6 +214,8 @@ def main(argv=None):
     device = pick_device(args.device)
     backends = args.backend or (["auto", "torch"] if device.type == "cuda" else ["torch"])
     rows = run(device, backends=backends, threads=args.threads, calls=args.calls, rounds=args.rounds)
+    if device.type == "cuda":
+        rows += autotune_cost(device)
     print(markdown(rows))
     out = args.out or RESULTS_DIR / f"host-overhead-{slug(rows[0]['device'])}-{utc_now()[:10]}.csv"
     print(f"wrote {write_csv(out, rows, COLUMNS)}")

@@ -33,6 +33,13 @@ def test_the_bench_writes_one_row_per_provider(tmp_path):
     assert str(Path.cwd()) not in text and "/tmp" not in text
 
 
+def test_the_autotune_rows_time_a_new_bucket_then_the_same_bucket():
+    rows = host_overhead.autotune_cost(torch.device("cpu"), first_M=20, second_M=30, K=16, N=16, r=4)
+    assert [(row["call"], row["M"]) for row in rows] == [
+        ("first, new M bucket", 20), ("first, same M bucket", 30), ("steady", 30)]
+    assert all(row["us_per_call"] > 0 and set(row) == set(host_overhead.COLUMNS) for row in rows)
+
+
 def test_our_layer_costs_no_more_host_time_per_call_than_peft():
     cpu = torch.device("cpu")
     with host_overhead.cpu_threads(1):
