@@ -34,14 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
+from hybrid_lora.kernels.interpreter import interpreter_enabled
+
 from .record import REPO_ROOT
 
 KERNEL_MODULES = ("hybrid_lora.kernels.skinny", "hybrid_lora.kernels.lora_forward",
                   "hybrid_lora.kernels.lora_backward", "hybrid_lora.kernels.dropout")
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 def require_compiled_kernels():

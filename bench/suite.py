@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybrid_lora import backend
+
 from . import compile_counts, e2e, layer_bench, memory, rank_sweep, report
 from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, without_local_paths, write_csv
 
@@ -71,6 +73,7 @@ def _torch_path(enabled):
     previous = os.environ.get("HYBRID_LORA_BACKEND")
     if enabled:
         os.environ["HYBRID_LORA_BACKEND"] = "torch"
+        backend.refresh()
     try:
         yield
     finally:
@@ -78,6 +81,7 @@ def _torch_path(enabled):
             os.environ.pop("HYBRID_LORA_BACKEND", None)
         else:
             os.environ["HYBRID_LORA_BACKEND"] = previous
+        backend.refresh()
 
 
 def precompile(config: SuiteConfig, device, workers, log=print) -> list:

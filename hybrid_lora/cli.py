@@ -224,6 +224,8 @@ def build_parser():
 @contextlib.contextmanager
 def _backend(name, device):
     """Set HYBRID_LORA_BACKEND (and the Triton interpreter for Triton on a CPU) for the command, then restore."""
+    from . import backend
+
     saved = {key: os.environ.get(key) for key in ("HYBRID_LORA_BACKEND", "TRITON_INTERPRET")}
     try:
         if name != "auto":
@@ -231,6 +233,7 @@ def _backend(name, device):
         if name == "triton" and device.type == "cpu":
             # The interpreter is read when triton is imported, which has not happened yet in this process.
             os.environ["TRITON_INTERPRET"] = "1"
+        backend.refresh()
         yield
     finally:
         for key, value in saved.items():
@@ -238,6 +241,7 @@ def _backend(name, device):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        backend.refresh()
 
 
 def _check_backend(parser, name, device):

@@ -19,12 +19,13 @@ from typing import Optional
 import torch
 
 from . import reference
-from .backend import forced_backend, select_backend
+from .backend import chosen_backend
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Sets: a membership test hashes once instead of comparing with each in turn.
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 # The kernels accumulate in fp32, so fp64 runs on the PyTorch path.
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_TRITON_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
+_INT_DTYPES = frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8))
 
 
 @torch.library.custom_op("hybrid_lora::fused_lora_forward", mutates_args=())
@@ -121,79 +122,112 @@ def _next_seed_fake(counter):
     return torch.empty_like(counter)
 
 
-def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
+def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p):
     """The same op composed of PyTorch ops (autograd does the backward); rank, scale, seed are device tensors.
 
-    Nothing is sliced by the rank: the columns of A at or past it are masked
-    to zero (``arange(R) < rank``), which gives S and the gradients of A and B
-    zeros there, as the slice would. The dropout mask is the kernels' Philox
-    mask (``reference.philox_keep_mask``), computed from the seed tensor on
-    the device, so no generator object and no host read enters a graph, and
-    both paths drop the same elements for the same seed.
+        y = addmm(b, x, W) + (D(x) A) B_s,   B_s = c B,   c_j = s if j < rank else 0
+
+    Nothing is sliced by the rank: row j of B is multiplied by c_j, zero at
+    or past the rank, which gives the product and the gradients of A and B
+    zeros there, as the slice would (for finite adapters). The scale goes on
+    B, not on S = D(x) A: S is as large as x times A and, in fp16, s S can
+    overflow where the output does not. A multiply, not a ``where``: the op
+    runs hundreds of times a step, and a ``where`` costs two more dispatches
+    forward and backward. The dropout mask is the kernels' Philox mask
+    (``reference.philox_keep_mask``), computed from the seed tensor on the
+    device, so no generator object and no host read enters a graph, and both
+    paths drop the same elements for the same seed.
     """
-    keep = reference.philox_keep_mask(seed, x.shape[0], x.shape[1], dropout_p) if dropout_p > 0.0 else None
-    active = torch.arange(lora_a.shape[1], device=x.device) < rank
-    lora_a = torch.where(active, lora_a.to(x.dtype), 0.0)
-    # A 0-d scale tensor multiplies like a Python float: in x's dtype, at x's op precision.
-    y, _ = reference.lora_forward(x, weight, bias, lora_a, lora_b.to(x.dtype), lora_a.shape[1],
-                                  scale, keep, dropout_p)
-    return y
+    # c in B's dtype: a 0-d scale does not promote it.
+    coef = (torch.arange(lora_a.shape[1], device=x.device) < rank).to(lora_b.dtype) * scale
+    lora_b = (lora_b * coef[:, None]).to(x.dtype)
+    if dropout_p > 0.0:
+        keep = reference.philox_keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
+        s_down = reference.dropout_input(x, keep, dropout_p) @ lora_a.to(x.dtype)
+    else:
+        s_down = x @ lora_a.to(x.dtype)
+    y = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+    return torch.addmm(y, s_down, lora_b)
 
 
-def _check(name, ok, expected, got):
-    if not ok:
-        raise ValueError(f"fused_lora: {name} {got}; expected {expected}")
+def _error(what, got, expected):
+    return ValueError(f"fused_lora: {what} {got}; expected {expected}")
+
+
+# Every check below is a plain comparison, and its message is formatted only
+# when it fails: the op runs hundreds of times per step, and a passing check
+# should cost the host nothing more than the comparison.
 
 
 def _check_scalar_tensor(name, value, dtypes, device):
-    _check(f"{name} has shape", value.dim() == 0, "() (a 0-d tensor)", tuple(value.shape))
-    _check(f"{name} has dtype", value.dtype in dtypes, f"one of {dtypes}", value.dtype)
-    _check(f"{name} is on", value.device == device, f"x's device {device}", value.device)
+    if value.ndim != 0:
+        raise _error(f"{name} has shape", tuple(value.shape), "() (a 0-d tensor)")
+    if value.dtype not in dtypes:
+        raise _error(f"{name} has dtype", value.dtype, f"one of {_names(dtypes)}")
+    if value.device != device:
+        raise _error(f"{name} is on", value.device, f"x's device {device}")
+
+
+def _names(dtypes):
+    return tuple(sorted(dtypes, key=str))
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
-    tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        tensors["bias"] = bias
-    for name, tensor in tensors.items():
+    for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"fused_lora: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        _check(f"{name} has dtype", tensor.dtype in _FLOAT_DTYPES, f"one of {_FLOAT_DTYPES}", tensor.dtype)
-        _check(f"{name} is on", tensor.device == x.device, f"x's device {x.device}", tensor.device)
-    _check("weight has shape", weight.dim() == 2, "[in_features, out_features]", tuple(weight.shape))
-    in_features, out_features = weight.shape
-    _check("x has shape", x.dim() >= 1 and x.shape[-1] == in_features,
-           f"[..., {in_features}] (weight's in_features)", tuple(x.shape))
-    _check("x has dtype", x.dtype == weight.dtype, f"weight's dtype {weight.dtype}", x.dtype)
+    device = x.device
+    for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if tensor is None:  # bias only: the others are tensors
+            continue
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise _error(f"{name} has dtype", tensor.dtype, f"one of {_names(_FLOAT_DTYPES)}")
+        if tensor.device != device:
+            raise _error(f"{name} is on", tensor.device, f"x's device {device}")
+    x_shape, w_shape, a_shape, b_shape = x.shape, weight.shape, lora_a.shape, lora_b.shape
+    if len(w_shape) != 2:
+        raise _error("weight has shape", tuple(w_shape), "[in_features, out_features]")
+    in_features, out_features = w_shape
+    if not x_shape or x_shape[-1] != in_features:
+        raise _error("x has shape", tuple(x_shape), f"[..., {in_features}] (weight's in_features)")
+    if x.dtype != weight.dtype:
+        raise _error("x has dtype", x.dtype, f"weight's dtype {weight.dtype}")
     if bias is not None:
-        _check("bias has shape", tuple(bias.shape) == (out_features,), f"({out_features},)", tuple(bias.shape))
-        _check("bias has dtype", bias.dtype == weight.dtype, f"weight's dtype {weight.dtype}", bias.dtype)
-    _check("lora_a has shape", lora_a.dim() == 2 and lora_a.shape[0] == in_features,
-           f"[{in_features}, r_max]", tuple(lora_a.shape))
-    r_max = lora_a.shape[1]
-    _check("lora_b has shape", tuple(lora_b.shape) == (r_max, out_features),
-           f"({r_max}, {out_features}) to match lora_a and weight", tuple(lora_b.shape))
-    _check("lora_b has dtype", lora_b.dtype == lora_a.dtype, f"lora_a's dtype {lora_a.dtype}", lora_b.dtype)
+        if bias.shape != (out_features,):
+            raise _error("bias has shape", tuple(bias.shape), f"({out_features},)")
+        if bias.dtype != weight.dtype:
+            raise _error("bias has dtype", bias.dtype, f"weight's dtype {weight.dtype}")
+    if len(a_shape) != 2 or a_shape[0] != in_features:
+        raise _error("lora_a has shape", tuple(a_shape), f"[{in_features}, r_max]")
+    r_max = a_shape[1]
+    if b_shape != (r_max, out_features):
+        raise _error("lora_b has shape", tuple(b_shape), f"({r_max}, {out_features}) to match lora_a and weight")
+    if lora_b.dtype != lora_a.dtype:
+        raise _error("lora_b has dtype", lora_b.dtype, f"lora_a's dtype {lora_a.dtype}")
     # Device tensors are checked for shape, dtype and device only: reading their
     # values would stop the host (and break a compiled graph). Their owner (the
     # layer) checks the values when it writes them.
     if isinstance(rank, torch.Tensor):
-        _check_scalar_tensor("rank", rank, _INT_DTYPES, x.device)
-    else:
-        _check("rank is", 1 <= rank <= r_max, f"an integer in [1, {r_max}] (r_max of lora_a)", rank)
+        _check_scalar_tensor("rank", rank, _INT_DTYPES, device)
+    elif not 1 <= rank <= r_max:
+        raise _error("rank is", rank, f"an integer in [1, {r_max}] (r_max of lora_a)")
     if isinstance(scale, torch.Tensor):
-        _check_scalar_tensor("scale", scale, _FLOAT_DTYPES, x.device)
-    else:
-        _check("scale is", math.isfinite(scale), "a finite number", scale)
-    _check("dropout_p is", 0.0 <= dropout_p < 1.0, "in [0, 1)", dropout_p)
+        _check_scalar_tensor("scale", scale, _FLOAT_DTYPES, device)
+    elif not math.isfinite(scale):
+        raise _error("scale is", scale, "a finite number")
+    if not 0.0 <= dropout_p < 1.0:
+        raise _error("dropout_p is", dropout_p, "in [0, 1)")
     if isinstance(seed, torch.Tensor):
-        _check_scalar_tensor("seed", seed, _INT_DTYPES, x.device)
-    elif seed is not None:
-        _check("seed is", 0 <= seed < 2**63, "an integer in [0, 2**63)", seed)
+        _check_scalar_tensor("seed", seed, _INT_DTYPES, device)
+    elif seed is not None and not 0 <= seed < 2**63:
+        raise _error("seed is", seed, "an integer in [0, 2**63)")
 
 
-def _as_int_or_tensor(value):
-    return value if isinstance(value, torch.Tensor) else operator.index(value)
+def _device_scalar(value, dtype, device):
+    """`value` as a 0-d `dtype` tensor on `device`; a tensor of that dtype already is one and passes as it is."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dtype == dtype else value.to(dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, seed=None):
@@ -220,35 +254,42 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     for fp16, bf16 and fp32, else the PyTorch path (fp64 always takes it);
     ``HYBRID_LORA_BACKEND`` forces one. Both compile with ``torch.compile(fullgraph=True)``.
     """
-    rank = _as_int_or_tensor(rank)
-    scale = scale if isinstance(scale, torch.Tensor) else float(scale)
+    if not isinstance(rank, torch.Tensor):
+        rank = operator.index(rank)
+    if not isinstance(scale, torch.Tensor):
+        scale = float(scale)
     dropout_p = float(dropout_p)
-    if seed is not None:
-        seed = _as_int_or_tensor(seed)
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if seed is not None and not isinstance(seed, torch.Tensor):
+        seed = operator.index(seed)
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
-    if seed is None:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device) if dropout_p > 0.0 else 0
     device = x.device
-    rank = torch.as_tensor(rank, dtype=torch.int64, device=device)
-    scale = torch.as_tensor(scale, dtype=torch.float64, device=device)
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    if seed is None:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if dropout_p > 0.0 else 0
+    rank = _device_scalar(rank, torch.int64, device)
+    scale = _device_scalar(scale, torch.float64, device)
+    seed = _device_scalar(seed, torch.int64, device)
 
-    backend = select_backend(device)
+    backend, forced = chosen_backend(device.type)
     if backend == "triton" and x.dtype not in _TRITON_DTYPES:
-        if forced_backend() == "triton":
+        if forced:
             raise ValueError(f"fused_lora: HYBRID_LORA_BACKEND=triton but x has dtype {x.dtype}; "
-                             f"the kernels take {_TRITON_DTYPES}")
+                             f"the kernels take {_names(_TRITON_DTYPES)}")
         backend = "torch"
 
-    out_shape = x.shape[:-1] + (weight.shape[1],)
-    x2d = x.reshape(-1, x.shape[-1])
-    with torch.autocast(device.type, enabled=False):
-        if backend == "triton":
-            y, _ = fused_lora_forward(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
-        else:
-            y = _torch_path(x2d, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
-    return y.reshape(out_shape)
+    # A 2-D x (and y) pass as they are: a reshape is one more node in autograd's graph per call.
+    flat = x.dim() == 2
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    op = fused_lora_forward if backend == "triton" else _torch_path
+    if autocast:
+        with torch.autocast(device.type, enabled=False):
+            y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
+    else:
+        y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
+    if backend == "triton":
+        y = y[0]
+    return y if flat else y.reshape(x.shape[:-1] + (weight.shape[1],))

@@ -5,9 +5,9 @@ that the CPU interpreter stays quick; on a GPU the configs cover Hopper (large
 tiles, deep pipelines for wgmma) and Ampere (smaller tiles, fewer stages).
 """
 
-import os
-
 import triton
+
+from .interpreter import interpreter_enabled
 
 # The rank is read by the kernels from a device tensor, so no launch argument
 # depends on it. Kernels tile the adapter width R in chunks of BLOCK_R columns,
@@ -16,11 +16,6 @@ import triton
 # and only a rank cut (a new R) can compile again.
 MIN_RANK_BLOCK = 16  # tl.dot needs every dimension >= 16
 MAX_RANK_BLOCK = 64
-
-
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 def rank_block(rank: int) -> int:

@@ -23,6 +23,16 @@ TOLERANCES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def backend_decided_per_test():
+    """Tests set HYBRID_LORA_BACKEND with monkeypatch: the op decides its backend again in each test."""
+    from hybrid_lora import backend
+
+    backend.refresh()
+    yield
+    backend.refresh()
+
+
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def device(request):
     return torch.device(request.param)

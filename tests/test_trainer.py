@@ -229,6 +229,7 @@ def test_dylora_first_step_trains_the_components_its_mode_says(torch_path, monke
 
 @pytest.mark.slow
 def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
+    from hybrid_lora import backend
     from hybrid_lora.backend import select_backend
 
     monkeypatch.delenv("HYBRID_LORA_BACKEND", raising=False)
@@ -244,6 +245,7 @@ def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
     plain = copy.deepcopy(kernels)
     with_kernels = run_continual(kernels, [domain], config)
     monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+    backend.refresh()
     with_torch = run_continual(plain, [domain], config)
     # fp32 both ways, reductions of at most 32 terms: agreement to a few ulps.
     assert with_kernels["initial"][0]["loss"] == pytest.approx(with_torch["initial"][0]["loss"], rel=1e-6)
