@@ -39,6 +39,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def inductor_in_process():
+    """Inductor's code generation in this process: its pool of compile workers has outlived pytest by its
+    300-second shutdown wait at exit on a busy 2-core machine."""
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
+
+
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -172,10 +180,13 @@ def real_graphs(counter):
 # on a CPU.
 @pytest.mark.parametrize("model_name, compile_backend", [("gpt2", "aot_eager"), ("llama", "aot_eager"),
                                                          ("gpt2", "inductor")])
-def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_name, backend_path, compile_backend):
+def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_name, backend_path, compile_backend,
+                                                                         request):
     """Compiled logits and gradients equal eager ones at every rank. A rank cut compiles once for the new width,
     and that graph serves every rank of it: the old width's graph never runs on the cut adapters (torch 2.11
     replayed it when a cut shrank the Parameters in place)."""
+    if compile_backend == "inductor":
+        request.getfixturevalue("inductor_in_process")
     model = tiny_lora_model(model_name)
     ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
     # aot_eager is run through a backend that inspects every graph it is given.
