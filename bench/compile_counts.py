@@ -8,10 +8,13 @@ call, and the adapter is cut from r to r / 2 halfway (two epochs, the rank
 schedule (r, r / 2)). One row counts:
 
 - ``graphs``: graphs Dynamo compiled (its ``unique_graphs`` counter); the
-  target is one per adapter width, so 2;
+  target is exactly one per adapter width, so 2;
 - ``recordings``: CUDA graphs captured (calls of ``CUDAGraph.capture_begin``);
   the forward and the backward of a graph are captured separately, so the
   target is one of each per width, 4 in all; 0 off CUDA.
+
+The row is written either way; the command exits non-zero when a count
+misses its target.
 
     python -m bench.compile_counts                  # on a GPU: 100 steps of GPT-2 small, batch 8 x 128
     python -m bench.compile_counts --out counts.csv # the row also as CSV (what bench/gpu_check writes)
@@ -102,6 +105,17 @@ def main(argv=None):
     if args.out:
         columns = COLUMNS + [name for name in rows[0] if name not in COLUMNS]
         write_csv(args.out, rows, columns)
+    missed = off_target(rows[0])
+    if missed:
+        raise SystemExit(f"compile counts: {missed}")
+
+
+def off_target(row):
+    """What of `row` misses its target (exactly, both ways: a graph too few is one replayed for a width it was
+    not compiled for), or '' when both counts hit it."""
+    missed = [f"{row[name]} {name}, expected {row[f'target_{name}']}" for name in ("graphs", "recordings")
+              if row[name] != row[f"target_{name}"]]
+    return "; ".join(missed)
 
 
 if __name__ == "__main__":

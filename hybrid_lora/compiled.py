@@ -1,9 +1,11 @@
 """Training compiled: the model's forward and backward under ``torch.compile``, one graph for every sampled rank.
 
 ``loss_function(config, parallel)`` gives the function a training step
-calls for the loss of a micro-batch: eager, or with ``config.compile`` the
-same function compiled with ``fullgraph=True``. What the compiled path
-relies on:
+calls for the loss of a micro-batch, and ``compiled_model`` the module DDP
+wraps under torchrun. With ``config.compile``, one process compiles the loss
+function (the model's forward and the loss); under torchrun the model is
+compiled inside DDP. Both compile with ``fullgraph=True``, on every
+supported torch (2.11 and newer). What the compiled path relies on:
 
 - No per-step value is a Python number in the graph. A LoRA layer keeps
   its active rank, its scale and its dropout seed in 0-d buffers written in
@@ -14,7 +16,10 @@ relies on:
   the gradients, by host-side rank, with no host read either.
 - Static shapes (``dynamic=False``): a rank cut changes the adapters' shapes
   and compiles once per adapter width; a smaller last batch of an epoch
-  compiles once more. Nothing else recompiles.
+  compiles once more. Nothing else recompiles. A cut makes new adapter
+  Parameters (``LoRALayer.truncate_``): a module dict that changes is what
+  makes every torch from 2.11 on check the tensors again, where shrinking
+  ``.data`` in place let torch 2.11 replay the old width's graph.
 - The optimizer stays outside the graph: Dynamo does not trace the fused
   AdamW step, which already is one kernel per parameter group; the trainer
   runs it fused wherever torch has a fused AdamW for the device (CUDA, and
@@ -27,15 +32,7 @@ relies on:
 
 import torch
 
-from .errors import BadValue
 from .metrics import model_logits
-from .versions import release
-
-# The oldest torch whose Dynamo compiles the fused op in one graph and follows a
-# rank cut: on torch 2.11 Dynamo refuses to trace into the op's Triton path
-# ("function marked as skipped") and keeps a graph compiled for the adapter's
-# old width after a cut.
-COMPILE_MIN_TORCH = (2, 13)
 
 COMPILE_BACKEND = "inductor"  # what torch.compile lowers to; "aot_eager" skips code generation (tests)
 COMPILE_MODE = None  # "reduce-overhead" adds CUDA graphs on a GPU
@@ -44,29 +41,39 @@ COMPILE_MODE = None  # "reduce-overhead" adds CUDA graphs on a GPU
 def loss_function(config, parallel, backend=None, mode=None):
     """(model, batch) -> (CE, tokens) of one micro-batch, as ``parallel.micro_batch_loss`` gives them.
 
-    With config.compile the function runs under torch.compile (the model's
-    forward, the loss, and through autograd their backward), in one process
-    only. Data-parallel training compiled is refused: Dynamo cannot trace
-    DDP's forward with ``fullgraph=True`` (its reducer), and a compiled inner
-    module does not survive a rank cut, whose in-place shrinking of the
-    adapter parameters leaves autograd expecting their old shapes.
+    With config.compile in one process, the whole function runs under
+    torch.compile (the model's forward, the loss, and through autograd their
+    backward). Under torchrun the model is compiled instead, inside DDP
+    (``compiled_model``), and this function stays eager: its loss all-reduces
+    the token count, and its model is DDP, whose own forward Dynamo does not
+    trace with ``fullgraph=True`` (it calls DDP's logger and reducer).
     """
 
     def loss(model, batch):
         return parallel.micro_batch_loss(model_logits(model, batch), batch)
 
-    if not config.compile:
+    if not config.compile or parallel.world > 1:
         return loss
-    if parallel.world > 1:
-        raise BadValue(f"compile=True with {parallel.world} processes: training compiled runs in one process; "
-                       "under torchrun train without --compile")
-    if not compile_supported():
-        raise BadValue(f"compile=True with torch {torch.__version__}: training compiled needs torch >= "
-                       f"{'.'.join(map(str, COMPILE_MIN_TORCH))}; train without --compile or upgrade torch")
-    return torch.compile(loss, backend=backend or COMPILE_BACKEND, mode=mode or COMPILE_MODE,
-                         fullgraph=True, dynamic=False)
+    return _compile(loss, backend, mode)
 
 
-def compile_supported() -> bool:
-    """Whether this torch compiles the training step (``COMPILE_MIN_TORCH``)."""
-    return release(torch.__version__)[:2] >= COMPILE_MIN_TORCH
+def compiled_model(model, config, parallel, backend=None, mode=None):
+    """The module DDP wraps under torchrun: `model`, or with config.compile `model` under torch.compile.
+
+    DDP over the compiled model rather than torch.compile over DDP: DDP's
+    forward (its reducer's bookkeeping) then runs eager, and the model it
+    calls compiles to one graph (``fullgraph=True`` holds). Dynamo compiles
+    that graph while DDP's forward is active, so its DDPOptimizer still splits
+    it at DDP's bucket boundaries and gradients are all-reduced while the
+    backward runs. Build DDP again after a rank cut (``DataParallel.wrap``);
+    the compiled model is kept and recompiles once for the new width. One
+    process returns `model` itself (``loss_function`` compiles the step).
+    """
+    if not config.compile or parallel.world == 1:
+        return model
+    return _compile(model, backend, mode)
+
+
+def _compile(fn, backend, mode):
+    return torch.compile(fn, backend=backend or COMPILE_BACKEND, mode=mode or COMPILE_MODE, fullgraph=True,
+                         dynamic=False)

@@ -121,27 +121,36 @@ def freeze_leading_grads(layers, sampled_rank):
 def truncate_adapters(layers, rank, optimizer=None, reset_state=False):
     """Cut every layer to its leading `rank` components (r_max becomes `rank`), carrying the optimizer along.
 
-    The optimizer's per-parameter tensors shaped like a parameter (AdamW's
-    exp_avg, exp_avg_sq, max_exp_avg_sq) are cut the same way; scalars such as
-    the step count stay. ``reset_state`` drops the state of the cut parameters
-    instead. Returns the number of adapter parameters left.
+    Each layer's adapters become new Parameters (``LoRALayer.truncate_``); the
+    optimizer's param groups take the new ones in the old ones' places, with
+    the old ones' state. Its per-parameter tensors shaped like a parameter
+    (AdamW's exp_avg, exp_avg_sq, max_exp_avg_sq) are cut the same way; scalars
+    such as the step count stay. ``reset_state`` drops the state of the cut
+    parameters instead. Anything else holding the old Parameters (a DDP
+    wrapper, a compiled graph) must be rebuilt or recompiles. Returns the number
+    of adapter parameters left.
     """
     for layer in layers:  # all checked before any is cut
         check_rank(rank, layer.r_max, "truncate_adapters")
+    replaced = {}
     for layer in layers:
-        old_shapes = {layer.lora_a: layer.lora_a.shape, layer.lora_b: layer.lora_b.shape}
-        layer.truncate_(rank)
-        if optimizer is None:
-            continue
-        # A is [in, r_max]: components are columns; B is [r_max, out]: components are rows.
-        for param, dim in ((layer.lora_a, 1), (layer.lora_b, 0)):
-            if param not in optimizer.state:
-                continue
-            if reset_state:
-                del optimizer.state[param]
-                continue
-            state = optimizer.state[param]
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == old_shapes[param]:
-                    state[key] = value.narrow(dim, 0, rank).contiguous()
+        replaced.update(layer.truncate_(rank))
+    if optimizer is not None:
+        _replace_in_optimizer(optimizer, replaced, reset_state)
     return sum(layer.lora_a.numel() + layer.lora_b.numel() for layer in layers)
+
+
+def _replace_in_optimizer(optimizer, replaced, reset_state):
+    """Put each new Parameter of `replaced` ({old: new}) where the old one was, its state cut to the new shape."""
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(param, param) for param in group["params"]]
+    for old, new in replaced.items():
+        state = optimizer.state.pop(old, None)
+        if state is None or reset_state:
+            continue
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == old.shape:
+                # The leading block, as truncate_ keeps it (A's leading columns, B's leading rows).
+                leading = tuple(slice(0, size) for size in new.shape)
+                state[key] = value[leading].clone(memory_format=torch.contiguous_format)
+        optimizer.state[new] = state

@@ -142,17 +142,24 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def truncate_(self, r):
-        """Keep only the leading r components: r_max and rank become r.
+        """Keep only the leading r components: r_max and rank become r. Returns {old Parameter: new Parameter}.
 
-        The Parameter objects stay the same (an optimizer keeps referring to
-        them); their storage shrinks and their gradients are dropped.
+        ``lora_a`` and ``lora_b`` become new Parameters (without gradients), so
+        anything holding the old ones (an optimizer, DDP) must take the new ones:
+        ``dynamic_rank.truncate_adapters`` carries an optimizer along. Shrinking
+        ``.data`` in place instead would keep the module's parameter dict as it
+        was, and Dynamo on torch 2.11 skips the tensor guards of an unchanged
+        dict (pytorch#163064): a graph compiled for the old width would replay.
         """
         self._check_rank(r, "truncate_")
-        self.lora_a.data = self.lora_a.data[:, :r].contiguous()
-        self.lora_b.data = self.lora_b.data[:r].contiguous()
-        self.lora_a.grad = None
-        self.lora_b.grad = None
+        replaced = {}
+        for name, keep in (("lora_a", (slice(None), slice(0, r))), ("lora_b", (slice(0, r),))):
+            old = getattr(self, name)
+            kept = old.detach()[keep].clone(memory_format=torch.contiguous_format)  # not a view of the old storage
+            replaced[old] = nn.Parameter(kept, requires_grad=old.requires_grad)
+            setattr(self, name, replaced[old])
         self._write_rank(r)
+        return replaced
 
     def delta_weight(self):
         """s A[:, :r] B[:r, :] in fp32: the adapter as a dense [in, out] update (the layout of W, for both kinds)."""

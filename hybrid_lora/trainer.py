@@ -47,7 +47,7 @@ from .adapter_files import named_adapters
 from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint,
                          optimizer_to_checkpoint, require_equal, rng_from_checkpoint, rng_to_checkpoint,
                          save_checkpoint, snapshot_from_checkpoint, snapshot_to_checkpoint)
-from .compiled import loss_function
+from .compiled import compiled_model, loss_function
 from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
                            freeze_leading_grads, scheduled_rank, step_rank, truncate_adapters)
 from .ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
@@ -517,6 +517,8 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
                            reduce=parallel.sum if parallel.world > 1 else None)
     run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel, guard,
                  state.ewc, loss_function(config, parallel))
+    stepped = compiled_model(model, config, parallel)  # what DDP wraps: the model, compiled under torchrun
+    wrapped = parallel.wrap(stepped, device)
     eval_loader = _eval_loader(domain.eval, config)
     for epoch in range(state.epoch, config.epochs):
         where = {"stage": stage, "domain": domain.name, "epoch": epoch}
@@ -524,12 +526,16 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
             previous = layers[0].rank
             rank = scheduled_rank(config.rank_schedule, epoch) if stage > 0 else None
             if rank is not None and rank < layers[0].r_max:
+                # Every process cuts here alike (the schedule is a function of the epoch). The cut makes new
+                # adapter Parameters: DDP, whose buckets hold the old ones, is built again, and the compiled
+                # model recompiles once for the new width at its next call.
                 truncate_adapters(layers, rank, optimizer, config.reset_optimizer_on_rank_change)
+                params = _trainable(model)
+                wrapped = parallel.wrap(stepped, device)
             if epoch == 0 or layers[0].rank != previous:
                 _rank_row(run, where, previous, params)
         where = {**where, "rank": layers[0].rank, "trainable_params": sum(p.numel() for p in params)}
-        # Wrapped per epoch: a rank cut changes the parameters' shapes, which DDP fixes at construction.
-        row = {**where, "kind": "epoch", **_train_epoch(parallel.wrap(model, device), domain.train, run, where, state)}
+        row = {**where, "kind": "epoch", **_train_epoch(wrapped, domain.train, run, where, state)}
         state.own_eval = _evaluate(model, eval_loader, device, config)
         check_evaluation(state.own_eval["loss"], stage, domain.name, epoch, config.lr)
         _record(run, {**row, **{f"eval_{k}": v for k, v in state.own_eval.items()}})

@@ -405,14 +405,3 @@ def test_a_run_process_sees_only_its_gpu_and_logs_to_its_file(tmp_path, monkeypa
     assert start_job(job, "3") == "process"
     assert seen == {"argv": [sys.executable, "-m", "hybrid_lora", "train", "--seeds", "1"], "visible": "3",
                     "log": str(job.log)}
-
-
-def test_training_compiled_on_several_processes_is_refused():
-    from types import SimpleNamespace
-
-    from hybrid_lora.compiled import loss_function
-    from hybrid_lora.errors import BadValue
-
-    with pytest.raises(BadValue, match="compile=True with 2 processes"):
-        loss_function(SimpleNamespace(compile=True), SimpleNamespace(world=2))
-    assert callable(loss_function(SimpleNamespace(compile=False), SimpleNamespace(world=2)))

@@ -103,6 +103,9 @@ def test_rank_cut_keeps_adamw_state_so_the_next_step_equals_the_uncut_one():
     assert params_left == 2 * (7 + 5)
     assert cut.lora_a.shape == (7, 2) and cut.lora_b.shape == (2, 5) and cut.rank == 2
     assert cut_optimizer.state[cut.lora_a]["exp_avg"].shape == (7, 2)
+    # The optimizer holds the layer's new Parameters, and the state of no other.
+    assert cut_optimizer.param_groups[0]["params"] == [cut.lora_a, cut.lora_b]
+    assert set(cut_optimizer.state) == {cut.lora_a, cut.lora_b}
 
     grad_a = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     grad_b = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(12))

@@ -110,8 +110,14 @@ def test_truncate_keeps_the_leading_components_and_parameters(kind):
     layer.set_rank(3)
     before = layer(x).detach()
     lora_a, lora_b = layer.lora_a, layer.lora_b
-    layer.truncate_(3)
-    assert layer.lora_a is lora_a and layer.lora_b is lora_b  # an optimizer's references stay valid
+    names = [name for name, _ in layer.named_parameters()]
+    replaced = layer.truncate_(3)
+    # New Parameters (a compiled graph's guards see a changed module), owning their storage, still trainable.
+    assert replaced == {lora_a: layer.lora_a, lora_b: layer.lora_b}
+    assert layer.lora_a is not lora_a and layer.lora_b is not lora_b
+    assert isinstance(layer.lora_a, torch.nn.Parameter) and layer.lora_a.requires_grad and layer.lora_b.requires_grad
+    assert layer.lora_a.is_contiguous() and layer.lora_a.untyped_storage().nbytes() == IN * 3 * 4
+    assert [name for name, _ in layer.named_parameters()] == names  # the state dict's names and order
     assert layer.r_max == 3 and layer.lora_a.shape == (IN, 3) and layer.lora_b.shape == (3, OUT)
     torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="rank 4 is outside"):
