@@ -351,6 +351,9 @@ def _train_step(model, micro_batches, stage, totals):
     step_ce = None
     with active_rank(layers, sampled):
         for i, batch in enumerate(micro_batches):
+            if "first_example" in batch:  # this process's shard: dropout masks of the global micro-batch's rows
+                for layer in layers:
+                    layer.set_dropout_row_offset(batch["first_example"] * batch["input_ids"].shape[1])
             # With several processes, gradients are averaged once per step, after the last micro-batch.
             with parallel.sync_gradients(model, i == len(micro_batches) - 1):
                 with autocast_context(stage.device, resolved_dtype(config, stage.device)):
@@ -416,6 +419,8 @@ def _train_epoch(model, dataset, stage, where, state):
     group, batch_index = [], start_batch
     for batch in loader:
         group.append(move_batch(batch, device))
+        if stage.parallel.world > 1:
+            group[-1]["first_example"] = stage.parallel.shard_start(batch_index, config.batch_size, len(dataset))
         batch_index += 1
         if len(group) < config.grad_accum and batch_index < n_batches:
             continue
@@ -572,7 +577,6 @@ class _Checkpointer:
         for name, layer in named_adapters(self.model):
             tensors[f"adapter.{name}.lora_a"] = layer.lora_a
             tensors[f"adapter.{name}.lora_b"] = layer.lora_b
-            tensors[f"adapter.{name}.dropout_seed"] = layer.dropout_seed
         optimizer_tensors, param_groups = optimizer_to_checkpoint(optimizer) if optimizer is not None else ({}, None)
         tensors.update(optimizer_tensors)
         tensors.update(rng_to_checkpoint([self.device]))
@@ -614,7 +618,6 @@ class _Checkpointer:
                     layer.truncate_(a.shape[1])
                 layer.lora_a.copy_(a)
                 layer.lora_b.copy_(b)
-                layer.dropout_seed.copy_(tensors[f"adapter.{name}.dropout_seed"])
                 layer.set_rank(rank)
         for key in ("stage", "epoch", "batch", "global_step", "history", "initial", "accuracy", "loss", "own_eval"):
             setattr(state, key, progress[key])

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .configs import down_configs, limit_tile_per_thread, rank_block
-from .dropout import drop_threshold, keep_mask
+from .dropout import drop_threshold, keep_mask, mask_row_offset
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -37,7 +37,7 @@ def device_scalar(value, dtype, device) -> torch.Tensor:
 @triton.jit
 def _skinny_product_kernel(
     # pointers
-    x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr,
+    x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr, row_offset_ptr,
     # sizes and scalars
     M, K, R, threshold, out_factor,
     # strides
@@ -49,7 +49,7 @@ def _skinny_product_kernel(
     """S[m, j] = scale * out_factor * sum_k D(X)[m, k] A[k, j] for j < rank, and S[m, j] = 0 for rank <= j < R.
 
     X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) and scale (fp32)
-    are read from 0-d device tensors, the dropout seed (int64) too. D(X) = X *
+    are read from 0-d device tensors, the dropout seed and row offset (int64) too. D(X) = X *
     keep / (1 - p) with HAS_DROPOUT, else X. It serves the forward's S = s D(X)
     A_r (out_factor = 1 / (1 - p)) and the backward's dS = s dY B_r^T (X = dY,
     A = B^T through its strides, no dropout). Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
@@ -71,7 +71,8 @@ def _skinny_product_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_K), x, 0.0)
+            x = tl.where(keep_mask(tl.load(seed_ptr), tl.load(row_offset_ptr), rows, k0, K, threshold, BLOCK_K),
+                         x, 0.0)
         # Adapters may be fp32 while X is bf16 (autocast): compute in X's dtype.
         a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
@@ -85,11 +86,11 @@ def _skinny_product_kernel(
              acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks < R)[None, :])
 
 
-def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
+def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0, row_offset=None):
     """scale * out_factor * D(x) a[:, :rank], zero-padded to [M, R], in x's dtype.
 
-    x: [M, K]; a: [K, R], any strides; rank, scale, seed: 0-d device tensors
-    (int, fp32, int64) or numbers.
+    x: [M, K]; a: [K, R], any strides; rank, scale, seed, row_offset: 0-d
+    device tensors (int, fp32, int64, int64) or numbers; row_offset None is 0.
     """
     M, K = x.shape
     R = a.shape[1]
@@ -98,12 +99,13 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
     seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
+    row_offset = mask_row_offset(row_offset, dropout_p, seed)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
 
     _skinny_product_kernel[grid](
-        x, a, out, rank, scale, seed,
+        x, a, out, rank, scale, seed, row_offset,
         M, K, R, drop_threshold(dropout_p), float(out_factor),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
