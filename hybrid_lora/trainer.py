@@ -53,7 +53,7 @@ from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, c
 from .ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
-from .models import load_causal_lm, pick_device
+from .models import enable_activation_checkpointing, load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .presets import base_lr, preset_fields
 from .replay import with_replay
@@ -106,6 +106,7 @@ class TrainConfig:
     device: str = ""  # "" picks cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: "float32" (none), "bfloat16", or "auto": bfloat16 on CUDA, else float32
     compile: bool = False  # the model's forward and backward under torch.compile (see ``compiled``)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -511,6 +512,8 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
     parallel = distributed.current()
     parallel.check_batch_size(config.batch_size, "TrainConfig.batch_size")
     model.to(device)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     params = _trainable(model)
     # The fused AdamW skips a step on the device flag of the non-finite guard (``nonfinite``).
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
@@ -552,7 +555,7 @@ def default_sweep_ranks(rank):
 class _Checkpointer:
     """Saves the run to one checkpoint file and puts a run back from it (see ``checkpoint``)."""
 
-    IGNORED_FIELDS = ("progress", "checkpoint_every")  # settings that change no result
+    IGNORED_FIELDS = ("progress", "checkpoint_every", "gradient_checkpointing")  # settings that change no result
 
     def __init__(self, directory, model, domains, config, device):
         self.directory, self.model, self.device = directory, model, device
