@@ -21,7 +21,7 @@ from .record import RESULTS_DIR, REPO_ROOT, atomic_write_text, read_csv
 
 README = REPO_ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-BENCHES = ("layer", "rank_sweep", "memory", "e2e", "autotune")
+BENCHES = ("layer", "rank_sweep", "memory", "e2e", "checkpointing", "autotune")
 PROVIDER_ORDER = ("base", "peft", "addmm", "compiled", "fused")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
 TARGET_DTYPE, TARGET_M = "bf16", 8192
@@ -38,6 +38,8 @@ def _bench_of(row, path):
         return "rank_sweep"
     if "saved_bytes" in columns:
         return "memory"
+    if "checkpointing" in columns:
+        return "checkpointing"
     if "pipeline" in columns:
         return "e2e"
     raise ValueError(f"{path}: cannot tell which benchmark a row with columns {sorted(columns)} comes from")
@@ -129,6 +131,16 @@ def memory_markdown(rows) -> str:
         out.append(f"| {row['provider']} | {row['M']} | {row['K']} | {row['N']} | {row['r']} | {row['dtype']} "
                    f"| {row['dropout']} | {int(row['saved_bytes']):,} | {_fmt(row['saved_over_x_plus_s'])} "
                    f"| {row['saved_tensors']} | {_fmt(row['peak_fwd_bwd_bytes'])} |")
+    return "\n".join(out)
+
+
+def checkpointing_markdown(rows) -> str:
+    out = ["| model | seq | batch | r | dtype | dropout | checkpointing | peak fwd+bwd bytes | / without "
+           "| max grad diff |", "|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+    for row in rows:
+        out.append(f"| {row['model']} | {row['seq_len']} | {row['batch']} | {row['r']} | {row['dtype']} "
+                   f"| {row['dropout']} | {row['checkpointing']} | {_fmt(row['peak_fwd_bwd_bytes'])} "
+                   f"| {_fmt(row['peak_over_plain'])} | {_fmt(row['max_grad_diff'])} |")
     return "\n".join(out)
 
 
@@ -320,6 +332,7 @@ SECTIONS = (("layer", "Layer microbenchmarks", layer_markdown),
             ("rank_sweep", "Rank sweep (fused layer)", rank_sweep_markdown),
             ("memory", "Saved activations per layer call", memory_markdown),
             ("e2e", "End-to-end training", e2e_markdown),
+            ("checkpointing", "Activation checkpointing: one training step", checkpointing_markdown),
             ("autotune", "Configs the autotuner chose", autotune_markdown))
 
 

@@ -32,7 +32,7 @@ from hybrid_lora import backend
 from . import compile_counts, e2e, layer_bench, memory, rank_sweep, report
 from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, without_local_paths, write_csv
 
-STEPS = ("precompile", "layer", "rank_sweep", "memory", "e2e", "compile_counts", "autotune", "report")
+STEPS = ("precompile", "layer", "rank_sweep", "memory", "e2e", "checkpointing", "compile_counts", "autotune", "report")
 
 
 @dataclass
@@ -122,8 +122,8 @@ def autotune_rows(run_stamp) -> list:
 
 def combined_columns() -> list:
     columns = ["bench"]
-    for names in (layer_bench.COLUMNS, rank_sweep.COLUMNS, memory.COLUMNS, e2e.COLUMNS, compile_counts.COLUMNS,
-                  ["kernel", "key", "config"]):
+    for names in (layer_bench.COLUMNS, rank_sweep.COLUMNS, memory.COLUMNS, e2e.COLUMNS,
+                  memory.CHECKPOINTING_COLUMNS, compile_counts.COLUMNS, ["kernel", "key", "config"]):
         columns += [name for name in names if name not in columns]
     return columns
 
@@ -201,6 +201,8 @@ def run(config: SuiteConfig, device, out_dir, *, skip=(), workers=None, log=prin
         compile_backend=config.compile_backend))
     with _torch_path(config.e2e_torch_path):
         timed("e2e", lambda: e2e.run(config.training, device, log=log))
+        # Peak memory of the e2e model's training step without and with activation checkpointing.
+        timed("checkpointing", lambda: memory.checkpointing_run(device, config.training))
         # Compiled graphs and CUDA-graph recordings of a compiled DyLoRA run with one rank cut.
         timed("compile_counts", lambda: compile_counts.run(device, log=log, **config.compile_counts))
     if device.type == "cuda":

@@ -5,7 +5,8 @@ The file ``<dir>/checkpoint.safetensors`` holds tensors and string metadata:
     adapter.<layer path>.lora_a [in, r] / .lora_b [r, out]   the adapters at their current width r
     optimizer.<param index>.<key>                            AdamW's per-parameter state (exp_avg, step, ...)
     rng.<name>                                               generator states (uint8): torch's CPU one (data
-                                                             loading, dropout seeds), each CUDA device's, the
+                                                             loading, LoRA dropout seeds on the CPU), each CUDA
+                                                             device's (LoRA dropout seeds there), the
                                                              DyLoRA sampler's. Python's random and numpy are
                                                              not used in training, so not saved; the data
                                                              order is a function of (seed, stage, epoch).

@@ -160,6 +160,9 @@ def _add_training(parser, variant_flag):
                     help="autocast dtype of the frozen model; auto: bfloat16 on CUDA, else float32 (%(default)s)")
     hp.add_argument("--compile", action="store_true",
                     help="run the model's forward and backward under torch.compile: one graph for every sampled rank")
+    hp.add_argument("--gradient-checkpointing", action="store_true",
+                    help="keep only each transformer block's input for the backward and recompute the rest: less "
+                         "activation memory, one more forward per step (LoRA dropout draws the same masks again)")
     hp.add_argument("--checkpoint-every", type=_non_negative_int, default=_default("checkpoint_every"),
                     help="optimizer steps between checkpoints; 0: at the end of each epoch and stage (%(default)s)")
     budget = parser.add_argument_group("budget")
@@ -292,7 +295,7 @@ def _overrides(args):
         "checkpoint_every": args.checkpoint_every,
         "reset_optimizer_on_rank_change": args.reset_optimizer_on_rank_change,
         "eval_batch_size": args.eval_batch_size, "log_every": args.log_every, "dtype": args.dtype,
-        "compile": args.compile,
+        "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
         "device": "" if args.device == "auto" else args.device,
     }
     for flag in ("r_max", "alpha", "scale_rule", "lr", "lambda_order", "lambda_dc", "lambda_l2", "lambda_ewc",

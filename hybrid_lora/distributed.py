@@ -22,13 +22,21 @@ What makes W processes train like one process on the same global batch:
   shard by its own count would not.
 - Every process draws the same DyLoRA rank, the same dropout seeds and the same
   rank cuts, since they come from generators seeded alike and advanced alike.
+- LoRA dropout drops what one process drops: the fused op keys its mask on
+  (seed, row of the global micro-batch). The examples of a micro-batch share
+  one length T (they stack into one tensor; ``data`` pads a whole domain to
+  one), so a layer's input, flattened to [rows, in],
+  holds example i in rows [i T, (i+1) T), and process k, holding examples
+  [s, e) of the micro-batch, passes s T as its row offset
+  (``LoRALayer.set_dropout_row_offset``; ``shard_start`` gives s).
 - Evaluation is sharded the same way; the token-weighted sums (loss, correct
   predictions, targets) are all-reduced before the means are taken.
 
-What cannot match a single process bit for bit: the random masks of dropout.
-The fused op's mask is keyed on (seed, row index of its input), and torch's
-dropout draws a mask for the shape it is given; a process sees its own rows
-from 0, so with any dropout on the runs agree in distribution, not in value.
+What cannot match a single process bit for bit: the base model's own dropout
+(GPT-2's on embeddings, attention and residuals). Torch's dropout draws a mask
+for the shape it is given, so a process's rows get other masks than one
+process gives them: with that dropout on the runs agree in distribution, not
+in value.
 """
 
 import inspect
@@ -122,6 +130,10 @@ class DataParallel:
     def shard(self, n):
         """Rows [start, end) of n rows that this process takes."""
         return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def shard_start(self, micro_batch, batch_size, size):
+        """Where this process's shard of global micro-batch `micro_batch` of an epoch of `size` rows starts in it."""
+        return self.shard(min(batch_size, size - micro_batch * batch_size))[0]
 
     def check_batch_size(self, batch_size, what="batch_size"):
         if batch_size % self.world:

@@ -7,7 +7,7 @@ A [K, R], B [R, N] and the active rank 1 <= r <= R given at run time. The op
 is differentiable in x, A and B; W and b get no gradient.
 
 The rank r, the scale s and the dropout seed may be 0-d device tensors (a
-layer keeps them as buffers): then nothing about the call depends on their
+layer keeps rank and scale as buffers, and draws no seed on the host): then nothing about the call depends on their
 values on the host, and one compiled graph, and one CUDA graph, serves every
 rank, scale and seed. Python numbers are accepted too and converted.
 """
@@ -31,10 +31,11 @@ _INT_DTYPES = frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torc
 @torch.library.custom_op("hybrid_lora::fused_lora_forward", mutates_args=())
 def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_a: torch.Tensor, lora_b: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
-                       seed: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       seed: torch.Tensor, dropout_p: float,
+                       row_offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y [M, N], S [M, R]) of the fused forward kernels; S = D(X) A_r (unscaled, zero past the rank) is for backward.
 
-    x: [M, K]; rank, scale, seed: 0-d tensors on x's device, read by the kernels.
+    x: [M, K]; rank, scale, seed, row_offset (None: 0): 0-d tensors on x's device, read by the kernels.
 
     Why ``torch.library.custom_op`` and not ``torch.library.triton_op``: a
     custom op is opaque to torch.compile, which calls it through its fake
@@ -51,11 +52,11 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """
     from .kernels.lora_forward import lora_forward
 
-    return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
+    return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
 
 
 @fused_lora_forward.register_fake
-def _forward_fake(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p):
+def _forward_fake(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
     return x.new_empty((x.shape[0], weight.shape[1])), x.new_empty((x.shape[0], lora_a.shape[1]))
 
 
@@ -63,7 +64,8 @@ def _forward_fake(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
 def fused_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, s_down: torch.Tensor, weight: torch.Tensor,
                         lora_a: torch.Tensor, lora_b: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
                         seed: torch.Tensor, dropout_p: float, needs_grad_x: bool, needs_grad_a: bool,
-                        needs_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        needs_grad_b: bool, row_offset: Optional[torch.Tensor] = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX [M, K], dA [K, R], dB [R, N]) of the backward kernels; dA and dB are zero past the rank.
 
     A gradient not asked for comes back as an empty [0] tensor (an op returns no None).
@@ -71,58 +73,40 @@ def fused_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, s_down: torch.Ten
     from .kernels.lora_backward import lora_backward
 
     grads = lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
-                          needs_grad_x=needs_grad_x, needs_grad_a=needs_grad_a, needs_grad_b=needs_grad_b)
+                          needs_grad_x=needs_grad_x, needs_grad_a=needs_grad_a, needs_grad_b=needs_grad_b,
+                          row_offset=row_offset)
     return tuple(g if g is not None else like.new_empty((0,)) for g, like in zip(grads, (x, lora_a, lora_b)))
 
 
 @fused_lora_backward.register_fake
 def _backward_fake(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, seed, dropout_p,
-                   needs_grad_x, needs_grad_a, needs_grad_b):
+                   needs_grad_x, needs_grad_a, needs_grad_b, row_offset=None):
     return tuple(like.new_empty(like.shape if needed else (0,))
                  for like, needed in ((x, needs_grad_x), (lora_a, needs_grad_a), (lora_b, needs_grad_b)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p = inputs
+    x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset = inputs
     _, s_down = output
-    # X and S are saved; the dropout mask is regenerated from the seed.
-    ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed)
+    # X and S are saved; the dropout mask is regenerated from the seed and the row offset.
+    ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset)
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(s_down)
 
 
 def _backward(ctx, grad_y, grad_s):
-    x, s_down, weight, lora_a, lora_b, rank, scale, seed = ctx.saved_tensors
+    x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
     needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
     grad_x, grad_a, grad_b = fused_lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, seed,
-                                                 ctx.dropout_p, needs_x, needs_a, needs_b)
+                                                 ctx.dropout_p, needs_x, needs_a, needs_b, row_offset)
     return (grad_x if needs_x else None, None, None, grad_a if needs_a else None, grad_b if needs_b else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 fused_lora_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("hybrid_lora::next_dropout_seed", mutates_args=("counter",))
-def next_dropout_seed(counter: torch.Tensor) -> torch.Tensor:
-    """The value of the 0-d seed `counter`, which advances by one in place: a new dropout mask per call.
-
-    An op of its own, not ``counter.clone(); counter.add_(1)`` inline: in a
-    compiled graph the partitioner may drop such a clone and hand the
-    backward the counter itself, which the graph has advanced by then, so the
-    backward would regenerate another mask. An op's output is saved as it is.
-    """
-    seed = counter.clone()
-    counter.add_(1)
-    return seed
-
-
-@next_dropout_seed.register_fake
-def _next_seed_fake(counter):
-    return torch.empty_like(counter)
-
-
-def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p):
+def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
     """The same op composed of PyTorch ops (autograd does the backward); rank, scale, seed are device tensors.
 
         y = addmm(b, x, W) + (D(x) A) B_s,   B_s = c B,   c_j = s if j < rank else 0
@@ -145,8 +129,8 @@ def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p):
     if lora_b.dtype != dtype:  # a .to() that changes nothing is still a dispatch
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
     if dropout_p > 0.0:
-        x_dropped = reference.dropout_input(x, reference.philox_keep_mask(seed, *x.shape, dropout_p), dropout_p)
-        s_down = torch.mm(x_dropped, lora_a)
+        keep = reference.philox_keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
+        s_down = torch.mm(reference.dropout_input(x, keep, dropout_p), lora_a)
     else:
         s_down = torch.mm(x, lora_a)
     y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
@@ -175,7 +159,7 @@ def _names(dtypes):
     return tuple(sorted(dtypes, key=str))
 
 
-def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
+def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=0):
     for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"fused_lora: {name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -224,6 +208,10 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
         _check_scalar_tensor("seed", seed, _INT_DTYPES, device)
     elif seed is not None and not 0 <= seed < 2**63:
         raise _error("seed is", seed, "an integer in [0, 2**63)")
+    if isinstance(row_offset, torch.Tensor):
+        _check_scalar_tensor("row_offset", row_offset, _INT_DTYPES, device)
+    elif not 0 <= row_offset < 2**63:
+        raise _error("row_offset is", row_offset, "an integer in [0, 2**63)")
 
 
 def _device_scalar(value, dtype, device):
@@ -233,7 +221,7 @@ def _device_scalar(value, dtype, device):
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, seed=None):
+def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, seed=None, row_offset=0):
     """y = x W + b + scale * dropout(x) A[:, :rank] B[:rank, :], with a runtime rank.
 
     Args:
@@ -250,6 +238,10 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
             tensor on x's device, or None to draw one on x's device from torch's
             generator there (no host read; ``torch.utils.checkpoint`` restores
             that generator, so a recomputed forward draws the same mask).
+        row_offset: where x's rows (x as [M, K]) start in the batch the
+            dropout mask is drawn for: an int >= 0 or a 0-d integer tensor on
+            x's device. A process holding rows [o, o + M) of a batch split
+            over processes passes o and drops what one process would.
 
     Under ``torch.autocast``, x, W and b are cast to the autocast dtype; A and B
     keep their dtype and their gradients come back in it.
@@ -264,18 +256,22 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     dropout_p = float(dropout_p)
     if seed is not None and not isinstance(seed, torch.Tensor):
         seed = operator.index(seed)
+    if not isinstance(row_offset, torch.Tensor):
+        row_offset = operator.index(row_offset)
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
+    _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
     device = x.device
     if seed is None:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if dropout_p > 0.0 else 0
     rank = _device_scalar(rank, torch.int64, device)
     scale = _device_scalar(scale, torch.float64, device)
     seed = _device_scalar(seed, torch.int64, device)
+    # Read only under dropout: without it nothing is copied to the device.
+    row_offset = _device_scalar(row_offset, torch.int64, device) if dropout_p > 0.0 else None
 
     backend, forced = chosen_backend(device.type)
     if backend == "triton" and x.dtype not in _TRITON_DTYPES:
@@ -290,9 +286,9 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     op = fused_lora_forward if backend == "triton" else _torch_path
     if autocast:
         with torch.autocast(device.type, enabled=False):
-            y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
+            y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
     else:
-        y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p)
+        y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
     if backend == "triton":
         y = y[0]
     return y if flat else y.reshape(x.shape[:-1] + (weight.shape[1],))

@@ -18,12 +18,26 @@ does: a string is a regular expression that must match the whole module name
 output embedding; a list names modules by their full name or by a suffix that
 starts after a '.'.
 
-The rank, the scale and the dropout seed the op reads live in 0-d buffers on
-the layer's device, written in place: ``set_rank`` changes their values, not
-their addresses, and each training call advances the seed on the device. A
-compiled model (and its CUDA graphs) therefore serves every rank and every
-dropout mask with one graph; ``rank`` and ``scale`` stay readable as Python
-numbers on the host.
+The rank and the scale the op reads live in 0-d buffers on the layer's device,
+written in place: ``set_rank`` changes their values, not their addresses. A
+compiled model (and its CUDA graphs) therefore serves every rank with one
+graph; ``rank`` and ``scale`` stay readable as Python numbers on the host.
+
+LoRA dropout draws each call's seed on the input's device from torch's
+generator there, as ``torch.nn.functional.dropout`` draws its mask: no host
+read, a new mask per call, ``torch.manual_seed`` repeats them, a training
+checkpoint that saves torch's generator states resumes them, and activation
+checkpointing (``torch.utils.checkpoint``, reentrant or not, which
+transformers' ``gradient_checkpointing_enable`` uses) restores the generator
+before it recomputes a forward, which therefore draws the forward's mask.
+Under ``torch.compile`` the draw is a graph op like any other random op:
+Inductor draws it from its own generator (seeded from torch's), so a compiled
+run drops other elements than an eager one, and in a checkpointed region its
+backward recomputes the draw from the seeds its forward drew and saved, which
+gives the forward's mask again.
+The mask is keyed on the row of the batch (``set_dropout_row_offset``), so
+the processes of a data-parallel run that each hold rows of one batch drop
+what one process given the whole batch would.
 """
 
 import math
@@ -32,7 +46,7 @@ import re
 import torch
 from torch import nn
 
-from .function import fused_lora, next_dropout_seed
+from .function import fused_lora
 from .reference import merged_weight
 from .scaling import DEFAULT_RULE, check_rule, lora_scale
 
@@ -68,18 +82,17 @@ class LoRALayer(nn.Module):
         self.scale_r_max = int(r_max)
         self.merged = False
         self.weight_is_shared = False  # set by inject_lora when another module holds the same weight (tied)
-        # Not in the state dict: rank and scale follow from the host's rank, and
-        # a training run saves the seed with its checkpoint.
+        # Not in the state dict: rank and scale follow from the host's rank, the row offset from the batch.
         device = weight.device
         self.register_buffer("rank_tensor", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         # fp64 holds alpha / r exactly for fp64 callers; the kernels read it as fp32.
         self.register_buffer("scale_tensor", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
-        self.register_buffer("dropout_seed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # Row of the batch that the input's first row is (see set_dropout_row_offset).
+        self.register_buffer("dropout_row_offset", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.row_offset = 0
         self._write_rank(int(r_max))
         self.reset_lora_parameters()
-        # The first seed comes from torch's generator (after A's init, which draws as it always has),
-        # so layers differ and torch.manual_seed repeats them.
-        self.dropout_seed.fill_(int(torch.randint(0, 2**62, (), dtype=torch.int64)))
 
     @classmethod
     def from_module(cls, module, r_max=64, alpha=32.0, dropout=0.0, scale_rule=DEFAULT_RULE):
@@ -141,6 +154,20 @@ class LoRALayer(nn.Module):
         self._write_rank(r)
 
     @torch.no_grad()
+    def set_dropout_row_offset(self, rows):
+        """Draw dropout masks for inputs that are rows [rows, rows + M) of a larger batch (x flattened to [M, in]).
+
+        A process of a data-parallel group that holds examples [s, e) of a
+        batch of sequences of length T passes s * T: its masks are then the
+        rows of the batch's masks. Written in place, like the rank (no recompile).
+        """
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"{type(self).__name__}.set_dropout_row_offset: rows {rows!r}; expected an integer >= 0")
+        if rows != self.row_offset:
+            self.row_offset = rows
+            self.dropout_row_offset.fill_(rows)
+
+    @torch.no_grad()
     def truncate_(self, r):
         """Keep only the leading r components: r_max and rank become r. Returns {old Parameter: new Parameter}.
 
@@ -200,11 +227,11 @@ class LoRALayer(nn.Module):
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(x.shape[:-1] + (self.out_features,))
-        dropout_p = self.dropout if self.training else 0.0
+        # seed=None: the op draws it from torch's generator on x's device (see the module docstring).
         return fused_lora(
             x, self.frozen_weight(), self.bias, self.lora_a, self.lora_b, rank=self.rank_tensor,
-            scale=self.scale_tensor, dropout_p=dropout_p,
-            seed=next_dropout_seed(self.dropout_seed) if dropout_p > 0.0 else self.dropout_seed,
+            scale=self.scale_tensor, dropout_p=self.dropout if self.training else 0.0, seed=None,
+            row_offset=self.dropout_row_offset,
         )
 
     def extra_repr(self):

@@ -100,3 +100,23 @@ def load_causal_lm(name_or_path=EMBEDDED_MODEL, dtype=torch.float32):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each transformer block's activations in the backward (transformers' own checkpointing, not reentrant).
+
+    A block then keeps only its input for the backward. Not reentrant: it
+    needs no input that requires a gradient, so transformers' hook that makes
+    the embeddings' output require one is taken off (it would break a
+    compiled graph), and it runs under DDP without restrictions.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise BadValue(f"gradient checkpointing: {type(model).__name__} does not support it; expected a "
+                       "transformers model whose blocks can be checkpointed (GPT-2, Llama, ...)")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25; the older name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+    return model

@@ -74,18 +74,22 @@ def _mulhilo32(a, b):
     return (high_part >> 16) + (low_sum >> 32), low_sum & _U32
 
 
-def philox_keep_mask(seed, M, K, dropout_p):
+def philox_keep_mask(seed, M, K, dropout_p, row_offset=0):
     """The [M, K] bool keep mask of ``kernels.dropout`` for `seed` (an int or a 0-d integer tensor).
 
     Element (m, k) is kept when word k % 4 of Philox4x32-10 at counter
-    m * ceil(K / 4) + k // 4 (mod 2**32), keyed by the seed, is >= round(p * 2**32).
-    A seed tensor is never read on the host: the mask is a function of the
-    device value, so it serves a compiled graph.
+    (row_offset + m) * ceil(K / 4) + k // 4 (mod 2**32), keyed by the seed, is
+    >= round(p * 2**32). The rows are those of a larger input from row
+    `row_offset` on (an int or a 0-d integer tensor; 0: the input itself), so
+    a shard of a batch gets the rows of the batch's mask.
+    Seed and offset tensors are never read on the host: the mask is a function
+    of the device values, so it serves a compiled graph.
     """
     seed = torch.as_tensor(seed, dtype=torch.int64)
     device = seed.device
     quads = (K + 3) // 4
-    counter = (torch.arange(M, dtype=torch.int64, device=device)[:, None] * quads
+    rows = torch.arange(M, dtype=torch.int64, device=device) + row_offset
+    counter = (rows[:, None] * quads
                + torch.arange(quads, dtype=torch.int64, device=device)[None, :]) & _U32
     c0, c1, c2, c3 = counter, torch.zeros_like(counter), torch.zeros_like(counter), torch.zeros_like(counter)
     k0, k1 = seed & _U32, (seed >> 32) & _U32

@@ -53,7 +53,7 @@ from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, c
 from .ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
 from .layer import inject_lora, lora_layers
 from .metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
-from .models import load_causal_lm, pick_device
+from .models import enable_activation_checkpointing, load_causal_lm, pick_device
 from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
 from .presets import base_lr, preset_fields
 from .replay import with_replay
@@ -106,6 +106,7 @@ class TrainConfig:
     device: str = ""  # "" picks cuda if available, else cpu
     dtype: str = "auto"  # autocast dtype: "float32" (none), "bfloat16", or "auto": bfloat16 on CUDA, else float32
     compile: bool = False  # the model's forward and backward under torch.compile (see ``compiled``)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -351,6 +352,9 @@ def _train_step(model, micro_batches, stage, totals):
     step_ce = None
     with active_rank(layers, sampled):
         for i, batch in enumerate(micro_batches):
+            if "first_example" in batch:  # this process's shard: dropout masks of the global micro-batch's rows
+                for layer in layers:
+                    layer.set_dropout_row_offset(batch["first_example"] * batch["input_ids"].shape[1])
             # With several processes, gradients are averaged once per step, after the last micro-batch.
             with parallel.sync_gradients(model, i == len(micro_batches) - 1):
                 with autocast_context(stage.device, resolved_dtype(config, stage.device)):
@@ -416,6 +420,8 @@ def _train_epoch(model, dataset, stage, where, state):
     group, batch_index = [], start_batch
     for batch in loader:
         group.append(move_batch(batch, device))
+        if stage.parallel.world > 1:
+            group[-1]["first_example"] = stage.parallel.shard_start(batch_index, config.batch_size, len(dataset))
         batch_index += 1
         if len(group) < config.grad_accum and batch_index < n_batches:
             continue
@@ -506,6 +512,8 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
     parallel = distributed.current()
     parallel.check_batch_size(config.batch_size, "TrainConfig.batch_size")
     model.to(device)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     params = _trainable(model)
     # The fused AdamW skips a step on the device flag of the non-finite guard (``nonfinite``).
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
@@ -553,7 +561,7 @@ def default_sweep_ranks(rank):
 class _Checkpointer:
     """Saves the run to one checkpoint file and puts a run back from it (see ``checkpoint``)."""
 
-    IGNORED_FIELDS = ("progress", "checkpoint_every")  # settings that change no result
+    IGNORED_FIELDS = ("progress", "checkpoint_every", "gradient_checkpointing")  # settings that change no result
 
     def __init__(self, directory, model, domains, config, device):
         self.directory, self.model, self.device = directory, model, device
@@ -578,7 +586,6 @@ class _Checkpointer:
         for name, layer in named_adapters(self.model):
             tensors[f"adapter.{name}.lora_a"] = layer.lora_a
             tensors[f"adapter.{name}.lora_b"] = layer.lora_b
-            tensors[f"adapter.{name}.dropout_seed"] = layer.dropout_seed
         optimizer_tensors, param_groups = optimizer_to_checkpoint(optimizer) if optimizer is not None else ({}, None)
         tensors.update(optimizer_tensors)
         tensors.update(rng_to_checkpoint([self.device]))
@@ -620,7 +627,6 @@ class _Checkpointer:
                     layer.truncate_(a.shape[1])
                 layer.lora_a.copy_(a)
                 layer.lora_b.copy_(b)
-                layer.dropout_seed.copy_(tensors[f"adapter.{name}.dropout_seed"])
                 layer.set_rank(rank)
         for key in ("stage", "epoch", "batch", "global_step", "history", "initial", "accuracy", "loss", "own_eval"):
             setattr(state, key, progress[key])

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, limit_tile_per_thread, m_bucket, rank_block, weight_grad_configs
-from .dropout import drop_threshold, keep_mask
+from .dropout import drop_threshold, keep_mask, mask_row_offset
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import grouped_tile
 
@@ -33,7 +33,7 @@ from .tiling import grouped_tile
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_grad_x_kernel(
     # pointers
-    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, rank_ptr, seed_ptr,
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, rank_ptr, seed_ptr, row_offset_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, N, K, M_BUCKET, threshold, keep_scale,
     # strides
@@ -45,8 +45,8 @@ def _fused_grad_x_kernel(
 ):
     """dX = dY W^T + D^T(dS A[:, :rank]^T).
 
-    dY: [M, N], W: [K, N], dS: [M, R], A: [K, R], dX: [M, K]; rank and seed
-    are 0-d device tensors. The output
+    dY: [M, N], W: [K, N], dS: [M, R], A: [K, R], dX: [M, K]; rank, seed and
+    row offset are 0-d device tensors. The output
     tile is BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),), grouped by GROUP_M row tiles.
     """
@@ -72,7 +72,8 @@ def _fused_grad_x_kernel(
         acc = tl.dot(ds, a_t, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
-        acc = tl.where(keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_N, K, threshold, BLOCK_N),
+        acc = tl.where(keep_mask(tl.load(seed_ptr), tl.load(row_offset_ptr), rows, pid_k * BLOCK_N, K, threshold,
+                                 BLOCK_N),
                        acc * tl.core.to_tensor(keep_scale).to(tl.float32), 0.0)
 
     for n0 in range(0, N, BLOCK_K):
@@ -92,7 +93,7 @@ def _fused_grad_x_kernel(
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _lora_grad_weight_kernel(
     # pointers
-    u_ptr, g_ptr, out_ptr, rank_ptr, scale_ptr, seed_ptr,
+    u_ptr, g_ptr, out_ptr, rank_ptr, scale_ptr, seed_ptr, row_offset_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, C, R, M_BUCKET, rows_per_split, threshold, scale,
     # strides
@@ -107,8 +108,8 @@ def _lora_grad_weight_kernel(
       dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, R], dropout on U, f = 1 / (1 - p);
       dB_r^T = s dY^T S     with U = dY [M, N] (C = N), G = S  [M, R], no dropout, f = s.
     Row split `split` covers rows [split * rows_per_split, (split + 1) * rows_per_split).
-    rank and seed are 0-d device tensors; f is the number `scale`, times the
-    0-d device tensor at scale_ptr with HAS_DEVICE_SCALE.
+    rank, seed and row offset are 0-d device tensors; f is the number `scale`,
+    times the 0-d device tensor at scale_ptr with HAS_DEVICE_SCALE.
     Output: fp32 partial sums [SPLITS, C, R] (strided), summed by the launcher.
     Grid: (cdiv(C, BLOCK_C), cdiv(R, BLOCK_R), SPLITS).
     """
@@ -131,7 +132,8 @@ def _lora_grad_weight_kernel(
         u = tl.load(u_ptr + rows[:, None] * stride_um + cs[None, :] * stride_uc,
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            u = tl.where(keep_mask(tl.load(seed_ptr), rows, pid_c * BLOCK_C, C, threshold, BLOCK_C), u, 0.0)
+            u = tl.where(keep_mask(tl.load(seed_ptr), tl.load(row_offset_ptr), rows, pid_c * BLOCK_C, C, threshold,
+                                   BLOCK_C), u, 0.0)
         g = tl.load(g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr,
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(u.dtype)
         # The transpose is a view of the tile in shared memory, not a copy.
@@ -154,7 +156,7 @@ def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
-def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_out, device_scale=None):
+def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, row_offset, out_dtype, transpose_out, device_scale=None):
     """sum_m keep_scale * D(U)[m, :]^T G[m, :] via the split kernel, zero past the active rank.
 
     u: [M, C]; g: [M, R]; device_scale: a 0-d device tensor multiplying the sum, or None.
@@ -176,7 +178,7 @@ def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_o
         return (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(R, block_r), splits)
 
     _lora_grad_weight_kernel[grid](
-        u, g, partial, rank, device_scale if device_scale is not None else rank, seed,  # rank: never read
+        u, g, partial, rank, device_scale if device_scale is not None else rank, seed, row_offset,  # rank: never read
         M, C, R, m_bucket(M), rows_per_split, drop_threshold(dropout_p), float(keep_scale),
         u.stride(0), u.stride(1), g.stride(0), g.stride(1), *strides,
         HAS_DROPOUT=dropout_p > 0.0, HAS_DEVICE_SCALE=device_scale is not None,
@@ -187,13 +189,14 @@ def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, out_dtype, transpose_o
 
 
 def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
-                  needs_grad_x=True, needs_grad_a=True, needs_grad_b=True):
+                  needs_grad_x=True, needs_grad_a=True, needs_grad_b=True, row_offset=None):
     """Launch the backward. Inputs are already validated by the caller.
 
     grad_y: [M, N] and x: [M, K] in the compute dtype; s_down: [M, R], the
     unscaled S from the forward (zero past the rank); weight: [K, N]; lora_a:
     [K, R]; lora_b: [R, N]; rank, scale, seed: 0-d device tensors (integer,
-    fp32, int64) or numbers.
+    fp32, int64) or numbers; row_offset: the dropout mask's first row (see
+    ``dropout``), a 0-d int64 device tensor, a number or None (0).
     Returns (dX [M, K] or None, dA [K, R] or None, dB [R, N] or None); dA and dB
     have the adapters' dtypes and are zero past `rank`.
     """
@@ -215,6 +218,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
     seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
+    row_offset = mask_row_offset(row_offset, dropout_p, seed)
 
     grad_s = None
     if needs_grad_x or needs_grad_a:
@@ -228,7 +232,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
         _fused_grad_x_kernel[x_grid](
-            grad_y, weight, grad_s, lora_a, grad_x, rank, seed,
+            grad_y, weight, grad_s, lora_a, grad_x, rank, seed, row_offset,
             M, N, K, m_bucket(M), drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             grad_s.stride(0), grad_s.stride(1), lora_a.stride(0), lora_a.stride(1),
@@ -237,8 +241,9 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
         )
 
     if needs_grad_a:
-        grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, lora_a.dtype, transpose_out=False)
+        grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, row_offset, lora_a.dtype,
+                              transpose_out=False)
     if needs_grad_b:
-        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, lora_b.dtype, transpose_out=True,
+        grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, row_offset, lora_b.dtype, transpose_out=True,
                               device_scale=scale)
     return grad_x, grad_a, grad_b

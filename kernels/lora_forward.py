@@ -92,12 +92,14 @@ def _fused_forward_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
+def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None):
     """Launch the fused forward. Inputs are already validated by the caller.
 
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
     lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
-    rank, scale, seed: 0-d device tensors (integer, fp32, int64) or numbers.
+    rank, scale, seed: 0-d device tensors (integer, fp32, int64) or numbers;
+    row_offset: the dropout mask's first row (see ``dropout``), a 0-d int64
+    device tensor, a number or None (0).
     Returns (Y [M, N], S [M, R]), both in x's dtype: S[:, :rank] = D(X) A[:, :rank]
     (unscaled) and S[:, rank:] = 0.
     """
@@ -111,7 +113,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed):
     precision = dot_precision(x.dtype)
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
-    s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed)
+    s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset)
 
     def gemm_grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .configs import down_configs, limit_tile_per_thread, m_bucket, rank_block
-from .dropout import drop_threshold, keep_mask
+from .dropout import drop_threshold, keep_mask, mask_row_offset
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -37,7 +37,7 @@ def device_scalar(value, dtype, device) -> torch.Tensor:
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _skinny_product_kernel(
     # pointers
-    x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr,
+    x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr, row_offset_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, K, R, M_BUCKET, threshold, out_factor,
     # strides
@@ -50,7 +50,7 @@ def _skinny_product_kernel(
 
     X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) and, with
     HAS_DEVICE_SCALE, scale (float) are read from 0-d device tensors (scale = 1
-    without), the dropout seed (int64) too. D(X) = X * keep / (1 - p) with
+    without), the dropout seed and row offset (int64) too. D(X) = X * keep / (1 - p) with
     HAS_DROPOUT, else X. It serves the forward's S = D(X) A_r (out_factor =
     1 / (1 - p), no scale: see lora_forward) and the backward's dS = s dY B_r^T
     (X = dY, A = B^T through its strides, no dropout).
@@ -73,7 +73,8 @@ def _skinny_product_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_K), x, 0.0)
+            x = tl.where(keep_mask(tl.load(seed_ptr), tl.load(row_offset_ptr), rows, k0, K, threshold, BLOCK_K),
+                         x, 0.0)
         # Adapters may be fp32 while X is bf16 (autocast): compute in X's dtype.
         a = tl.load(a_ptr + cols[:, None] * stride_ak + ranks[None, :] * stride_ar,
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0).to(x.dtype)
@@ -89,11 +90,12 @@ def _skinny_product_kernel(
              acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks < R)[None, :])
 
 
-def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
+def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0, row_offset=None):
     """scale * out_factor * D(x) a[:, :rank], zero-padded to [M, R], in x's dtype.
 
-    x: [M, K]; a: [K, R], any strides; rank, scale, seed: 0-d device tensors
-    (int, fp32, int64) or numbers; scale None for none.
+    x: [M, K]; a: [K, R], any strides; rank, scale, seed, row_offset: 0-d
+    device tensors (int, fp32, int64, int64) or numbers; scale None for none;
+    row_offset None is 0.
     """
     M, K = x.shape
     R = a.shape[1]
@@ -103,12 +105,13 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0):
     has_device_scale = scale is not None
     scale = device_scalar(scale, torch.float32, x.device) if has_device_scale else rank  # rank: a pointer never read
     seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
+    row_offset = mask_row_offset(row_offset, dropout_p, seed)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
 
     _skinny_product_kernel[grid](
-        x, a, out, rank, scale, seed,
+        x, a, out, rank, scale, seed, row_offset,
         M, K, R, m_bucket(M), drop_threshold(dropout_p), float(out_factor),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         HAS_DROPOUT=dropout_p > 0.0, HAS_DEVICE_SCALE=has_device_scale, DOT_PRECISION=dot_precision(x.dtype),

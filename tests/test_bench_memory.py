@@ -41,3 +41,15 @@ def test_peft_saves_more_than_the_bound_with_dropout_on():
     shape = LayerShape(M=24, K=32, N=48, r=8, dtype=torch.float32, r_max=16, dropout_p=0.05)
     saved = saved_activations(build_layer("peft", shape, "cpu"))
     assert saved.bytes > x_plus_s_bytes(shape), saved.tensors
+
+
+def test_checkpointing_rows_pair_each_sequence_length_with_the_same_gradients(monkeypatch):
+    from bench.e2e import TINY_GPT2, E2EConfig
+    from bench.memory import checkpointing_run
+
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+    rows = checkpointing_run(torch.device("cpu"), E2EConfig(seq_lens=(8, 12), batch_size=2, r=4, model=TINY_GPT2))
+    assert [(row["seq_len"], row["checkpointing"]) for row in rows] == [(8, False), (8, True), (12, False), (12, True)]
+    # The recomputed forwards drew the forward's LoRA and GPT-2 dropout masks (both on): the same gradients.
+    assert all(row["max_grad_diff"] == 0.0 and row["dropout"] == 0.05 for row in rows)
+    assert all(row["peak_fwd_bwd_bytes"] != row["peak_fwd_bwd_bytes"] for row in rows)  # no peak off CUDA: NaN

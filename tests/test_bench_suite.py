@@ -46,7 +46,7 @@ def test_gpu_check_records_every_step_and_writes_no_absolute_path(tiny_run):
     assert [row["provider"] for row in read_csv(result["out"] / "host-overhead.csv")] == ["plain", "peft", "ours"]
     suite_steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}
     # compile_counts runs as a step of gpu_check's own, under its own time limit
-    assert suite_steps == {"layer": "ok", "rank_sweep": "ok", "memory": "ok", "e2e": "ok",
+    assert suite_steps == {"layer": "ok", "rank_sweep": "ok", "memory": "ok", "e2e": "ok", "checkpointing": "ok",
                            "compile_counts": "skipped", "report": "skipped"}
     local = [str(ROOT), str(result["out"]), sys.prefix, os.path.expanduser("~") + "/"]
     for path in result["out"].rglob("*"):
@@ -111,6 +111,12 @@ def test_memory_rows_hold_the_fused_bound_with_dropout_on(tiny_run):
     assert int(by["peft"]["saved_bytes"]) > int(by["fused"]["saved_bytes"])
 
 
+def test_checkpointing_rows_give_both_steps_of_the_e2e_model_the_same_gradients(tiny_run):
+    _, rows = tiny_run
+    got = [(int(row["seq_len"]), row["checkpointing"], float(row["max_grad_diff"])) for row in rows["checkpointing"]]
+    assert got == [(seq, on, 0.0) for seq in CONFIG.training.seq_lens for on in ("False", "True")]
+
+
 def test_e2e_rows_time_every_pipeline_and_project_a_stage(tiny_run):
     _, rows = tiny_run
     e2e = {row["pipeline"]: row for row in rows["e2e"]}
@@ -129,7 +135,7 @@ def test_report_says_cpu_timings_and_draws_the_plots(tiny_run):
     text = Path(result["md"]).read_text()
     assert "**CPU timings**" in text
     for heading in ("## Targets", "## Layer microbenchmarks", "## Rank sweep", "## Saved activations",
-                    "## End-to-end training"):
+                    "## End-to-end training", "## Activation checkpointing"):
         assert heading in text
     assert "n/a: CPU timing" in text  # speed targets are not judged on a CPU
     pytest.importorskip("matplotlib")
@@ -167,7 +173,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_pa
         raise RuntimeError("memory step broken on purpose")
 
     monkeypatch.setattr(suite.memory, "run", broken)
-    skip = ("layer", "rank_sweep", "compile_counts", "report")
+    skip = ("layer", "rank_sweep", "checkpointing", "compile_counts", "report")
     result = suite.run(suite.tiny_config(), torch.device("cpu"), tmp_path, skip=skip, log=lambda *args: None)
     assert result["failed"] == ["memory"]
     steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}

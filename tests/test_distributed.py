@@ -182,9 +182,9 @@ def test_two_processes_train_like_one_on_the_same_global_batch(runs, setting):
 
 
 def test_with_dropout_the_processes_agree_but_the_masks_are_their_own(runs):
-    """Dropout masks are drawn per process for its own rows (the fused op keys its mask on the row index of
-    its input, torch's dropout on the shape it is given): every process draws the same seeds, so they stay
-    in step, but the second half of the global batch sees other masks than one process gives it."""
+    """GPT-2's dropout masks are drawn per process for its own rows (torch's dropout on the shape it is given;
+    LoRA's are the global batch's, tests/test_dropout_rows.py): every process draws the same seeds, so they
+    stay in step, but the second half of the global batch sees other masks than one process gives it."""
     _, _, results = runs
     one, two = results["dropout", 1], results["dropout", 2]
     assert len(set(two["digests"])) == 1
