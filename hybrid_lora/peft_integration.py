@@ -29,7 +29,7 @@ buffer, hook or class changes, so state dicts, ``save_pretrained``, ``merge_and_
 removes.
 """
 
-import types
+import functools
 import warnings
 
 import torch
@@ -153,7 +153,7 @@ def fused_forward(self, x, *args, **kwargs):
 
 def _is_patched(module):
     forward = module.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is fused_forward
+    return isinstance(forward, functools.partial) and forward.func is fused_forward
 
 
 def _summary(left, total):
@@ -203,7 +203,9 @@ def accelerate(model, strict=False):
             raise ValueError(message + "; strict=True")
         warnings.warn(message, stacklevel=2)
     for module in patch:
-        module.forward = types.MethodType(fused_forward, module)
+        # A partial of a module-level function, not a bound method: it pickles and deep-copies with the
+        # layer (a bound method pickles as getattr(layer, name), which finds peft's forward again).
+        module.forward = functools.partial(fused_forward, module)
     return model
 
 

@@ -279,6 +279,41 @@ def test_restore_gives_back_peft_forward_and_nothing_else(torch_path, fused_call
     assert len(fused_calls) == 7
 
 
+def test_copies_and_pickles_keep_the_acceleration(tmp_path, torch_path, fused_calls):
+    model = hybrid_lora.accelerate(peft_model())
+    ids = input_ids()
+    want = model(input_ids=ids).logits
+    torch.save(model, tmp_path / "model.pt")
+    for copied in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        layers = peft_integration.accelerated_layers(copied)
+        assert len(layers) == 7 and all(layer.forward.args[0] is layer for layer in layers)
+        assert torch.equal(copied(input_ids=ids).logits, want)
+    assert len(fused_calls) == 3 * 7
+    assert len(peft_integration.accelerated_layers(hybrid_lora.restore(copied))) == 0
+
+
+# bf16 keeps 8 mantissa bits; a few roundings in each of the layers
+BF16_REL = 8 * 2.0 ** -8
+
+
+def test_bf16_autocast_and_fp32_adapters_over_a_bf16_model(torch_path, fused_calls):
+    ids = input_ids()
+    plain = peft_model()
+    fast = hybrid_lora.accelerate(copy.deepcopy(plain))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = plain(input_ids=ids).logits, fast(input_ids=ids).logits
+    assert want.dtype == got.dtype == torch.bfloat16 and len(fused_calls) == 7
+    assert_close_relative(got.float(), want.float(), rel=BF16_REL)
+    # get_peft_model keeps the adapters of a bf16 model in fp32 (autocast_adapter_dtype)
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=LLAMA_TARGETS)
+    plain = live_adapters(peft.get_peft_model(base_model("llama").to(torch.bfloat16), config))
+    assert {param.dtype for name, param in plain.named_parameters() if "lora_" in name} == {torch.float32}
+    fast = hybrid_lora.accelerate(copy.deepcopy(plain))
+    want, got = plain(input_ids=ids).logits, fast(input_ids=ids).logits
+    assert want.dtype == got.dtype == torch.bfloat16 and len(fused_calls) == 14
+    assert_close_relative(got.float(), want.float(), rel=BF16_REL)
+
+
 def test_state_dict_and_saved_adapter_are_peft_own(tmp_path, torch_path):
     plain = peft_model("gpt2")
     fast = hybrid_lora.accelerate(copy.deepcopy(plain))
