@@ -78,11 +78,11 @@ def _plan(layer, x, args, kwargs):
     if len(names) != 1:
         return None, f"{len(names)} active adapters"
     name = names[0]
+    if layer.use_dora.get(name, False):
+        return None, "DoRA"
     variant = getattr(layer, "lora_variant", {}).get(name)  # peft >= 0.15: DoRA and the other variants
     if variant is not None:
         return None, f"lora_variant {type(variant).__name__}"
-    if getattr(layer, "use_dora", {}).get(name, False):
-        return None, "DoRA"
     lora_a, lora_b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if getattr(layer, "lora_bias", {}).get(name, False) or lora_b.bias is not None:
         return None, "lora_bias"
