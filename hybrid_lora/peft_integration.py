@@ -21,12 +21,17 @@ same mask.
 
 Everything is read at call time (the active adapter, its rank, its scale, its dropout module,
 ``merged``, ``disable_adapters``), and any call the op would not compute exactly as peft does
-runs peft's own forward instead (``unsupported``). Nothing is added to the model but an
-instance attribute ``forward`` on each patched layer and a cache of the rank and the scale as
-0-d device tensors (a host number would be copied to the device on every call): no Parameter,
-buffer, hook or class changes, so state dicts, ``save_pretrained``, ``merge_and_unload``,
-``disable_adapter()`` and ``set_adapter`` are peft's. Those two attributes are what ``restore``
-removes.
+runs peft's own forward instead (``unsupported``).
+
+A patched layer's class becomes a subclass of peft's ``lora.Linear`` that overrides
+``forward`` only (named ``Linear`` too, so it prints as peft's does), and the layer holds a
+cache of the rank and the scale as 0-d device tensors (a host number would be copied to the
+device on every call). No Parameter, buffer or hook is added, so state dicts,
+``save_pretrained``, ``merge_and_unload``, ``disable_adapter()`` and ``set_adapter`` are
+peft's; ``restore`` puts the class back and drops the cache. The class, not an instance
+attribute ``forward``, carries the patch so that what copies a module carries it too:
+``copy.deepcopy``, pickling, and ``nn.DataParallel``'s replicas, which share their original's
+instance attributes and would run the original's parameters.
 """
 
 import functools
@@ -137,23 +142,44 @@ def _constants(layer, device, rank, scale):
     return held[2:]
 
 
-def fused_forward(self, x, *args, **kwargs):
-    """peft's ``lora.Linear.forward`` on the fused op, or peft's own where ``unsupported`` says why not."""
-    name, _ = _plan(self, x, args, kwargs)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base, lora_a, lora_b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+def _fused_forward(layer, name, x):
+    base, lora_a, lora_b = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
     weight = base.weight if isinstance(base, _conv1d_class()) else base.weight.t()  # W as [K, N], a view
-    dropout = self.lora_dropout[name]
+    dropout = layer.lora_dropout[name]
     dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    rank, scale, zero_seed = _constants(self, x.device, lora_a.shape[0], self.scaling[name])
+    rank, scale, zero_seed = _constants(layer, x.device, lora_a.shape[0], layer.scaling[name])
     return fused_lora(x, weight, base.bias, lora_a.t(), lora_b.t(), rank=rank, scale=scale, dropout_p=dropout_p,
                       seed=None if dropout_p > 0.0 else zero_seed)
 
 
+@functools.cache
+def _fused_class():
+    """The class of a patched layer: peft's ``lora.Linear`` with a forward that runs the fused op."""
+    lora = _lora_module()
+
+    class Linear(lora.Linear):
+        """peft's ``lora.Linear`` running ``fused_lora`` where it computes what peft computes (``hybrid_lora.accelerate``)."""
+
+        def forward(self, x, *args, **kwargs):
+            name, _ = _plan(self, x, args, kwargs)
+            if name is None:
+                return super().forward(x, *args, **kwargs)
+            return _fused_forward(self, name, x)
+
+    Linear.__qualname__ = "_FusedLinear"  # where pickle finds it: this module's __getattr__
+    return Linear
+
+
+def __getattr__(name):
+    # A pickled patched layer names its class hybrid_lora.peft_integration._FusedLinear, made on first use.
+    if name == "_FusedLinear":
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _is_patched(module):
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, functools.partial) and forward.func is fused_forward
+    cls = type(module)
+    return cls.__module__ == __name__ and cls.__qualname__ == "_FusedLinear"
 
 
 def _summary(left, total):
@@ -184,9 +210,9 @@ def accelerate(model, strict=False):
                          "model from peft.get_peft_model or peft.inject_adapter_in_model")
     patch, left = [], {}
     for name, module in layers:
-        if type(module) is not lora.Linear:
+        if type(module) is not lora.Linear and not _is_patched(module):
             left[name] = f"a {type(module).__name__} layer"
-        elif "forward" in module.__dict__ and not _is_patched(module):
+        elif "forward" in module.__dict__:
             left[name] = "forward replaced by another library"
         elif not _plain(module.base_layer, (nn.Linear, _conv1d_class())):
             left[name] = f"base layer {type(module.base_layer).__name__} (or a hook on it)"
@@ -203,9 +229,7 @@ def accelerate(model, strict=False):
             raise ValueError(message + "; strict=True")
         warnings.warn(message, stacklevel=2)
     for module in patch:
-        # A partial of a module-level function, not a bound method: it pickles and deep-copies with the
-        # layer (a bound method pickles as getattr(layer, name), which finds peft's forward again).
-        module.forward = functools.partial(fused_forward, module)
+        module.__class__ = _fused_class()
     return model
 
 
@@ -213,7 +237,7 @@ def restore(model):
     """Undo ``accelerate``: every patched layer runs peft's forward again, with nothing of ours left. Returns `model`."""
     for module in model.modules():
         if _is_patched(module):
-            del module.forward
+            module.__class__ = type(module).__bases__[0]
         module.__dict__.pop(_CACHE, None)
     return model
 

@@ -276,7 +276,7 @@ def test_restore_gives_back_peft_forward_and_nothing_else(torch_path, fused_call
     assert {name: dict(module.__dict__) for name, module in model.named_modules()} == before
     for module in model.modules():
         if isinstance(module, lora.LoraLayer):
-            assert "forward" not in module.__dict__ and module.forward.__func__ is lora.Linear.forward
+            assert type(module) is lora.Linear and module.forward.__func__ is lora.Linear.forward
     assert torch.equal(model(input_ids=ids).logits, want)
     assert len(fused_calls) == 7
 
@@ -287,11 +287,23 @@ def test_copies_and_pickles_keep_the_acceleration(tmp_path, torch_path, fused_ca
     want = model(input_ids=ids).logits
     torch.save(model, tmp_path / "model.pt")
     for copied in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
-        layers = peft_integration.accelerated_layers(copied)
-        assert len(layers) == 7 and all(layer.forward.args[0] is layer for layer in layers)
+        assert len(peft_integration.accelerated_layers(copied)) == 7
         assert torch.equal(copied(input_ids=ids).logits, want)
     assert len(fused_calls) == 3 * 7
     assert len(peft_integration.accelerated_layers(hybrid_lora.restore(copied))) == 0
+
+
+def test_a_replica_runs_its_own_parameters(torch_path, fused_calls):
+    """nn.DataParallel's replicas share their original's instance attributes and hold their own parameters."""
+    layer = peft_integration.accelerated_layers(hybrid_lora.accelerate(peft_model()))[0]
+    replica = layer._replicate_for_data_parallel()
+    replica._modules = {name: copy.deepcopy(module) for name, module in layer._modules.items()}
+    with torch.no_grad():
+        replica.lora_B["default"].weight.mul_(2.0)
+    x = torch.randn(3, layer.in_features)
+    want = layer.base_layer(x) + 2.0 * (layer(x) - layer.base_layer(x))
+    assert_close_relative(replica(x), want)
+    assert len(fused_calls) == 2
 
 
 # bf16 keeps 8 mantissa bits; a few roundings in each of the layers
