@@ -13,6 +13,7 @@ is enough to time a step):
 | `peft-compiled` | `peft-bf16` with the model under ``torch.compile`` (Inductor)                     |
 | `ours-compiled` | `ours-layer` with the model under ``torch.compile(fullgraph=True)`` (Inductor)    |
 | `ours-cudagraphs` | `ours-compiled` with ``mode="reduce-overhead"``: Inductor plus CUDA graphs      |
+| `peft+accelerate` | `peft-bf16` after ``hybrid_lora.accelerate(model)``: peft's model on the fused op |
 
 The loop pipelines share one step: forward with labels, backward, AdamW
 step, zero_grad, with no host synchronisation inside the timed steps. The
@@ -38,7 +39,7 @@ from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
 COLUMNS = ["pipeline", "model", "seq_len", "batch", "steps", "step_ms", "tokens_per_s", "peak_mem_bytes",
            "projected_stage_s", "speedup_vs_original", "status", "timer", "device", "commit", "date"]
 PIPELINES = ("original", "peft-bf16", "ours-layer", "ours-engine", "peft-compiled", "ours-compiled",
-             "ours-cudagraphs")
+             "ours-cudagraphs", "peft+accelerate")
 # torch.compile settings of the compiled pipelines: (mode, fullgraph). peft's layers may break the
 # graph, so it is not asked for one graph; ours must give one.
 COMPILED = {"peft-compiled": (None, False), "ours-compiled": (None, True), "ours-cudagraphs": ("reduce-overhead", True)}
@@ -204,6 +205,10 @@ def run_pipeline(name, seq_len, config: E2EConfig, device):
         return time_loop(with_peft(model, config), None, batches, config, device)
     if name == "peft-bf16":
         return time_loop(with_peft(model, config), torch.bfloat16, batches, config, device)
+    if name == "peft+accelerate":
+        from hybrid_lora import accelerate
+
+        return time_loop(accelerate(with_peft(model, config), strict=True), torch.bfloat16, batches, config, device)
     if name == "ours-layer":
         return time_loop(with_fused(model, config), torch.bfloat16, batches, config, device)
     if name == "ours-engine":

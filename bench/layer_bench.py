@@ -3,7 +3,8 @@
 For GPT-2's c_attn (K = 768, N = 2304, Conv1D's weight layout) at M tokens,
 or any K and N: Llama-7B's attention and MLP projections are K = 4096 with
 N = 4096 and 11008, in nn.Linear's weight layout (``--weight-layout out_in``,
-peft with ``fan_in_fan_out=False``). Each row holds the
+peft with ``fan_in_fan_out=False``). ``peft+accelerate`` times peft's own layer after
+``hybrid_lora.accelerate``, next to ``peft`` and ``fused``. Each row holds the
 provider, mode, shape, weight layout, dtype, median/p20/p80 ms, TFLOP/s, GB/s (the provider's
 traffic model, ``bench.providers.traffic``), the ratio to ``base`` (the frozen
 addmm alone, measured in the same run), the adapter's share of the matrix work

@@ -1,4 +1,4 @@
-"""The five implementations of the LoRA layer that the benchmarks compare, behind one interface.
+"""The six implementations of the LoRA layer that the benchmarks compare, behind one interface.
 
     y = x W + b + s * dropout(x) A[:, :r] B[:r, :]      x [M, K], W [K, N], b [N], A [K, R], B [R, N]
 
@@ -11,6 +11,8 @@
 |            | a hand-written backward with ``addmm_`` that recomputes ``X A``                |
 | `compiled` | ``torch.compile`` of ``hybrid_lora.reference.lora_forward``                    |
 | `fused`    | ``hybrid_lora.fused_lora``                                                    |
+| `peft+accelerate` | the `peft` layer after ``hybrid_lora.accelerate``: ``fused_lora`` at   |
+|            | peft's rank r (its adapter is r wide), called from peft's layer           |
 
 The frozen weight is stored as GPT-2's Conv1D stores it, W [K, N] (layout
 ``in_out``), or as ``nn.Linear`` (Llama's projections) stores it, [N, K]
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+FUSED = ("fused", "peft+accelerate")  # the providers that run hybrid_lora.fused_lora
 WEIGHT_LAYOUTS = ("in_out", "out_in")
 
 
@@ -154,10 +157,10 @@ def lora_share(provider: str, shape: LayerShape, mode: str) -> float:
     if provider == "base":
         return 0.0
     width = shape.r
-    if provider == "fused":
+    if provider in FUSED:
         from hybrid_lora.kernels.configs import rank_block
 
-        block = rank_block(shape.r_max)
+        block = rank_block(shape.r_max if provider == "fused" else shape.r)  # peft's adapter is r wide
         width = -(-shape.r // block) * block
     executed = LayerShape(shape.M, shape.K, shape.N, width, shape.dtype, max(width, shape.r_max), shape.dropout_p)
     total = flops(provider, executed, mode)
@@ -195,7 +198,7 @@ def traffic(provider: str, shape: LayerShape, mode: str) -> list:
     if provider == "base":
         fwd = [("addmm", ("X", "W", "b"), ("Y",))]
         bwd = [("mm dY W^T", ("dY", "W"), ("dX",))]
-    elif provider == "fused":
+    elif provider in FUSED:
         fwd = [("S = D(X) A", ("X", "A"), ("S",)),
                ("Y = [X|S] [W;sB] + b", ("X", "W", "S", "B", "b"), ("Y",))]
         bwd = [("dS = s dY B^T", ("dY", "B"), ("dS",)),
@@ -383,7 +386,7 @@ def _build_compiled(shape, weights, x, compile_backend="inductor"):
     return forward, [a, bb], [w, b], _sliced_grads(a, bb, shape.r), context
 
 
-def _build_peft(shape, weights, x):
+def _build_peft(shape, weights, x, accelerated=False):
     from peft import LoraConfig, inject_adapter_in_model
     from transformers.pytorch_utils import Conv1D
 
@@ -398,6 +401,10 @@ def _build_peft(shape, weights, x):
     config = LoraConfig(r=shape.r, lora_alpha=weights.scale * shape.r, lora_dropout=shape.dropout_p,
                         target_modules=["proj"], fan_in_fan_out=not linear, bias="none")
     holder = inject_adapter_in_model(config, holder)
+    if accelerated:
+        from hybrid_lora import accelerate
+
+        accelerate(holder, strict=True)
     holder.to(device=weights.weight.device, dtype=shape.dtype).train()
     layer = holder.proj
     with torch.no_grad():
@@ -418,6 +425,7 @@ _BUILDERS = {
     "addmm": _build_addmm,
     "compiled": _build_compiled,
     "fused": _build_fused,
+    "peft+accelerate": lambda shape, weights, x: _build_peft(shape, weights, x, accelerated=True),
 }
 PROVIDERS = tuple(_BUILDERS)
 

@@ -22,7 +22,7 @@ from .record import RESULTS_DIR, REPO_ROOT, atomic_write_text, read_csv
 README = REPO_ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 BENCHES = ("layer", "rank_sweep", "memory", "e2e", "checkpointing", "autotune")
-PROVIDER_ORDER = ("base", "peft", "addmm", "compiled", "fused")
+PROVIDER_ORDER = ("base", "peft", "addmm", "compiled", "fused", "peft+accelerate")
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd")
 TARGET_DTYPE, TARGET_M = "bf16", 8192
 TARGET_GPT2_KN = (768, 2304)  # the shape the layer targets name; other shapes are reported, not judged

@@ -7,8 +7,9 @@ versions.warn_if_untested()
 from . import reference  # noqa: E402
 from .function import fused_lora  # noqa: E402
 from .layer import LoRAConv1D, LoRALayer, LoRALinear, inject_lora, lora_layers, set_rank  # noqa: E402
+from .peft_integration import accelerate, restore  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["fused_lora", "LoRALayer", "LoRAConv1D", "LoRALinear", "inject_lora", "lora_layers", "set_rank",
-           "reference", "__version__"]
+           "accelerate", "restore", "reference", "__version__"]

@@ -1,0 +1,247 @@
+"""peft's LoRA layers on the fused op: ``accelerate(model)`` patches a peft model in place, ``restore(model)`` undoes it.
+
+For each active adapter a, peft's ``lora.Linear.forward`` (peft/tuners/lora/layer.py) computes
+
+    y = base_layer(x) + lora_B[a](lora_A[a](lora_dropout[a](x))) * scaling[a]
+
+with ``lora_A[a].weight`` [r, K], ``lora_B[a].weight`` [N, r] and ``scaling[a]`` = lora_alpha / r
+(lora_alpha / sqrt(r) with ``use_rslora``). With one adapter, W the base weight as [K, N] and
+p the dropout probability, that is the fused op at rank r:
+
+    y = fused_lora(x, W, b, lora_A.weight.T, lora_B.weight.T, rank=r, scale=scaling[a], dropout_p=p)
+
+The transposes are views (strides (1, K) and (1, r)) that the kernels read as they are, and
+autograd hands the gradients back to peft's own Parameters in their layout. W is the base
+layer's weight for ``transformers``' Conv1D (peft's ``fan_in_fan_out=True``: stored [K, N]) and
+the transposed view of ``nn.Linear``'s [N, K] otherwise: the layout follows the base layer,
+whose forward is what peft calls. Dropout runs as the op's Philox mask with the same p, in
+training mode only, as ``nn.Dropout``; its seed is drawn from torch's generator on x's device
+(``seed=None``), which ``torch.utils.checkpoint`` restores, so a recomputed forward draws the
+same mask.
+
+Everything is read at call time (the active adapter, its rank, its scale, its dropout module,
+``merged``, ``disable_adapters``), and any call the op would not compute exactly as peft does
+runs peft's own forward instead (``unsupported``).
+
+A patched layer's class becomes a subclass of peft's ``lora.Linear`` that overrides
+``forward`` only (named ``Linear`` too, so it prints as peft's does), and the layer holds a
+cache of the rank and the scale as 0-d device tensors (a host number would be copied to the
+device on every call). No Parameter, buffer or hook is added, so state dicts,
+``save_pretrained``, ``merge_and_unload``, ``disable_adapter()`` and ``set_adapter`` are
+peft's; ``restore`` puts the class back and drops the cache. The class, not an instance
+attribute ``forward``, carries the patch so that what copies a module carries it too:
+``copy.deepcopy``, pickling, and ``nn.DataParallel``'s replicas, which share their original's
+instance attributes and would run the original's parameters.
+"""
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from .function import fused_lora
+
+_CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero seed)}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LISTED = 6  # layer names shown per reason in accelerate's message
+
+
+def _lora_module():
+    try:
+        from peft.tuners.lora import layer
+    except ImportError as error:
+        raise ImportError("hybrid_lora.accelerate needs peft, which is not installed (pip install peft)") from error
+    return layer
+
+
+def _conv1d_class():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def _plain(module, classes):
+    """Whether `module` is of one of `classes` exactly and runs that class's forward: no hook, no forward of its own."""
+    return type(module) in classes and "forward" not in module.__dict__ and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _plan(layer, x, args, kwargs):
+    """(adapter name, None) when the fused op computes what peft's forward computes for this call, else (None, why).
+
+    With x None only the layer's state is checked (what ``accelerate`` reports).
+    """
+    if layer.disable_adapters:
+        return None, "adapters disabled"
+    if layer.merged:
+        return None, "merged"
+    if args or any(value is not None for value in kwargs.values()):
+        # adapter_names (a mixed batch), a variant's arguments, or arguments for the base layer
+        return None, "adapter_names or other forward arguments"
+    names = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(names) != 1:
+        return None, f"{len(names)} active adapters"
+    name = names[0]
+    if layer.use_dora.get(name, False):
+        return None, "DoRA"
+    variant = getattr(layer, "lora_variant", {}).get(name)  # peft >= 0.15: DoRA and the other variants
+    if variant is not None:
+        return None, f"lora_variant {type(variant).__name__}"
+    lora_a, lora_b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if getattr(layer, "lora_bias", {}).get(name, False) or lora_b.bias is not None:
+        return None, "lora_bias"
+    if not (_plain(lora_a, (nn.Linear,)) and _plain(lora_b, (nn.Linear,)) and lora_a.bias is None):
+        return None, "lora_A or lora_B is not a plain nn.Linear"
+    if not _plain(dropout, (nn.Dropout, nn.Identity)) or (isinstance(dropout, nn.Dropout) and dropout.p >= 1.0):
+        return None, f"lora_dropout is {type(dropout).__name__}"
+    base = layer.base_layer
+    if not _plain(base, (nn.Linear, _conv1d_class())):
+        return None, f"base layer {type(base).__name__} (or a hook on it)"
+    weight, bias, a, b = base.weight, base.bias, lora_a.weight, lora_b.weight
+    if weight.dtype not in _FLOAT_DTYPES or (bias is not None and bias.dtype != weight.dtype):
+        return None, f"base weight dtype {weight.dtype}"
+    if a.dtype not in _FLOAT_DTYPES or b.dtype != a.dtype:
+        return None, f"adapter dtypes {a.dtype}, {b.dtype}"
+    if x is None:
+        return name, None
+    if not isinstance(x, torch.Tensor) or not (x.device == weight.device == a.device == b.device):
+        return None, "input, weight and adapter on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        return name, None  # the op casts x, W and b to the autocast dtype, as the base layer's autocast does
+    if x.dtype != weight.dtype:
+        return None, f"input dtype {x.dtype} with weight dtype {weight.dtype}"
+    # peft runs the adapter in its own dtype; the kernels read the adapter in x's dtype, or fp32
+    # adapters with fp16/bf16 inputs (what get_peft_model's autocast_adapter_dtype makes).
+    if a.dtype != x.dtype and not (a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return None, f"adapter dtype {a.dtype} with input dtype {x.dtype}"
+    if a.dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return None, "input dtype casting disabled"
+    return name, None
+
+
+def unsupported(layer, x=None, *args, **kwargs):
+    """Why the fused op would not compute what peft's forward(x, *args, **kwargs) computes, or None when it would.
+
+    With x None only the layer's state is checked.
+    """
+    return _plan(layer, x, args, kwargs)[1]
+
+
+def _constants(layer, device, rank, scale):
+    """(rank, scale, zero seed) for the op: 0-d tensors on `device`, made once per value, or numbers in a graph."""
+    if torch.compiler.is_compiling():
+        return rank, scale, 0  # constants of the graph; a compiled graph copies nothing per call
+    cache = layer.__dict__.setdefault(_CACHE, {})
+    held = cache.get(device)
+    if held is None or held[0] != rank or held[1] != scale:
+        held = (rank, scale, torch.tensor(rank, dtype=torch.int64, device=device),
+                torch.tensor(scale, dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64,
+                                                                                     device=device))
+        cache[device] = held
+    return held[2:]
+
+
+def _fused_forward(layer, name, x):
+    base, lora_a, lora_b = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
+    weight = base.weight if isinstance(base, _conv1d_class()) else base.weight.t()  # W as [K, N], a view
+    dropout = layer.lora_dropout[name]
+    dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    rank, scale, zero_seed = _constants(layer, x.device, lora_a.shape[0], layer.scaling[name])
+    return fused_lora(x, weight, base.bias, lora_a.t(), lora_b.t(), rank=rank, scale=scale, dropout_p=dropout_p,
+                      seed=None if dropout_p > 0.0 else zero_seed)
+
+
+@functools.cache
+def _fused_class():
+    """The class of a patched layer: peft's ``lora.Linear`` with a forward that runs the fused op."""
+    lora = _lora_module()
+
+    class Linear(lora.Linear):
+        """peft's ``lora.Linear`` running ``fused_lora`` where it computes what peft computes (``hybrid_lora.accelerate``)."""
+
+        def forward(self, x, *args, **kwargs):
+            name, _ = _plan(self, x, args, kwargs)
+            if name is None:
+                return super().forward(x, *args, **kwargs)
+            return _fused_forward(self, name, x)
+
+    Linear.__qualname__ = "_FusedLinear"  # where pickle finds it: this module's __getattr__
+    return Linear
+
+
+def __getattr__(name):
+    # A pickled patched layer names its class hybrid_lora.peft_integration._FusedLinear, made on first use.
+    if name == "_FusedLinear":
+        return _fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_patched(module):
+    cls = type(module)
+    return cls.__module__ == __name__ and cls.__qualname__ == "_FusedLinear"
+
+
+def _summary(left, total):
+    by_reason = {}
+    for name, reason in left.items():
+        by_reason.setdefault(reason, []).append(name or "<model>")
+    parts = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+        parts.append(f"{reason}: {shown}")
+    return f"{len(left)} of {total} peft LoRA layers run peft's forward ({'; '.join(parts)})"
+
+
+def accelerate(model, strict=False):
+    """Run the peft LoRA layers of `model` on ``fused_lora``, in place; returns `model`.
+
+    Every ``lora.Linear`` over ``nn.Linear`` or ``transformers``' Conv1D is patched; each call
+    then runs the op when it computes what peft computes (one active adapter, not merged, no
+    DoRA or other variant, no lora_bias, no ``adapter_names``, a dtype the op takes), and
+    peft's forward otherwise. The layers left to peft's forward, now, are named with their
+    reason in one warning, or with `strict` in a ValueError (and nothing is patched).
+    Calling it again is harmless; ``restore`` undoes it.
+    """
+    lora = _lora_module()
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, lora.LoraLayer)]
+    if not layers:
+        raise ValueError(f"hybrid_lora.accelerate: {type(model).__name__} holds no peft LoRA layer; expected a "
+                         "model from peft.get_peft_model or peft.inject_adapter_in_model")
+    patch, left = [], {}
+    for name, module in layers:
+        if type(module) is not lora.Linear and not _is_patched(module):
+            left[name] = f"a {type(module).__name__} layer"
+        elif "forward" in module.__dict__:
+            left[name] = "forward replaced by another library"
+        elif not _plain(module.base_layer, (nn.Linear, _conv1d_class())):
+            left[name] = f"base layer {type(module.base_layer).__name__} (or a hook on it)"
+        else:
+            # Patched even when its state is not supported now: merged, or several adapters active,
+            # may change (unmerge, set_adapter), and each call checks again.
+            patch.append(module)
+            reason = unsupported(module)
+            if reason is not None:
+                left[name] = reason
+    if left:
+        message = f"hybrid_lora.accelerate: {_summary(left, len(layers))}"
+        if strict:
+            raise ValueError(message + "; strict=True")
+        warnings.warn(message, stacklevel=2)
+    for module in patch:
+        module.__class__ = _fused_class()
+    return model
+
+
+def restore(model):
+    """Undo ``accelerate``: every patched layer runs peft's forward again, with nothing of ours left. Returns `model`."""
+    for module in model.modules():
+        if _is_patched(module):
+            module.__class__ = type(module).__bases__[0]
+        module.__dict__.pop(_CACHE, None)
+    return model
+
+
+def accelerated_layers(model):
+    """The layers of `model` that ``accelerate`` patched, in module order."""
+    return [module for module in model.modules() if _is_patched(module)]
