@@ -39,7 +39,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .record import (REPO_ROOT, RESULTS_DIR, atomic_write_text, commit, parse_dtype, read_csv, utc_now,
+from hybrid_lora.files import write_text
+
+from .record import (REPO_ROOT, RESULTS_DIR, commit, parse_dtype, read_csv, utc_now,
                      without_local_paths, write_csv)
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block can opt into on sm_90
@@ -436,7 +438,7 @@ def main(argv=None):
         full.append(base)
     out_dir = Path(args.out_dir)
     csv_path = write_csv(out_dir / f"{args.name}.csv", full, COLUMNS)
-    md_path = atomic_write_text(out_dir / f"{args.name}.md", markdown(full, header))
+    md_path = write_text(out_dir / f"{args.name}.md", markdown(full, header))
     print(f"wrote {csv_path} and {md_path}")
     found = violations(full)
     for line in found:

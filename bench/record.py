@@ -11,11 +11,12 @@ import io
 import os
 import platform
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from hybrid_lora.files import write_text
+from hybrid_lora.versions import source_revision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -57,15 +58,8 @@ def slug(text: str) -> str:
 
 
 def commit(paths=_CODE_PATHS) -> str:
-    """The short commit hash, with '-dirty' when `paths` (the code under measurement) have uncommitted changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO_ROOT,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if status else "")
+    """The commit, with '-dirty' when `paths` (the code under measurement) have uncommitted changes."""
+    return source_revision(paths)
 
 
 def without_local_paths(text: str) -> str:
@@ -87,21 +81,6 @@ def stamp(device: torch.device) -> dict:
     return {"device": device_name(device), "commit": commit(), "date": utc_now()}
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_csv(path, rows: list[dict], columns: list[str]) -> Path:
     """Write `rows` (dicts with exactly `columns` as keys) as CSV, atomically."""
     for i, row in enumerate(rows):
@@ -112,7 +91,7 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> Path:
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_text(path, text.getvalue())
+    return write_text(path, text.getvalue())
 
 
 def read_csv(path) -> list[dict]:

@@ -17,7 +17,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .record import RESULTS_DIR, REPO_ROOT, atomic_write_text, read_csv
+from hybrid_lora.files import write_text
+
+from .record import RESULTS_DIR, REPO_ROOT, read_csv
 
 README = REPO_ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -352,7 +354,7 @@ def write_report(csv_paths, md_path, title=None, log=print) -> Path:
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     images = plots(results, md_path.parent, md_path.stem, log=log)
-    return atomic_write_text(md_path, markdown(results, title or md_path.stem, images))
+    return write_text(md_path, markdown(results, title or md_path.stem, images))
 
 
 _RESULT_FILE = re.compile(r"^(?P<device>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.csv$")
@@ -394,7 +396,7 @@ def update_readme(readme=README, results_dir=RESULTS_DIR) -> Path:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     section = readme_section(results_dir, Path(readme).resolve().parent)
-    return atomic_write_text(readme, f"{head}{BEGIN}\n{section}\n{END}{tail}")
+    return write_text(readme, f"{head}{BEGIN}\n{section}\n{END}{tail}")
 
 
 def main(argv=None):

@@ -31,6 +31,7 @@ from .files import read_json, write_json
 from .layer import lora_layers
 from .models import load_tokenizer, resolve_model
 from .trainer import load_model, run_continual, variant_config
+from .versions import source_revision
 
 DEFAULT_DOMAINS = ("embedded-a", "embedded-b")
 
@@ -178,7 +179,8 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume
         "data_sizes": {name: {"train": len(train), "eval": len(ev)} for name, train, ev in domains},
         "train_config": dataclasses.asdict(config),
         "overrides": spec.overrides,
-        "versions": {"hybrid_lora": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"hybrid_lora": __version__, "commit": source_revision(), "torch": torch.__version__,
+                     "python": platform.python_version()},
         # the arguments only: the program's own path names this machine's installation
         "command": ["hybrid-lora", *sys.argv[1:]],
     }

@@ -1,7 +1,7 @@
 """Named sets of training settings, and the learning rate each base model trains at when none is given.
 
 ``TrainConfig``'s defaults are the method measured on the embedded corpus
-(README, "Choosing the defaults"). ``PRESETS["original"]`` puts back the
+(docs/experiment.md, "Choosing the defaults"). ``PRESETS["original"]`` puts back the
 original experiment's settings: DyLoRA's frozen mode, scale alpha / r and
 lr 5e-5 on every base. A preset sits under the variant's settings, which sit
 under any field given explicitly.

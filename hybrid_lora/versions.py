@@ -6,7 +6,9 @@ tests at both ends. Another release may work; nothing has checked it.
 
 import importlib.metadata
 import re
+import subprocess
 import warnings
+from pathlib import Path
 
 # [lowest, first untested) release of each, as (major, minor)
 TESTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 10))}
@@ -39,8 +41,8 @@ def untested(versions: dict) -> list:
         if not low <= release(version)[:2] < high:
             others = ", ".join(f"{other} {v}" for other, v in versions.items() if other != name and v)
             messages.append(f"hybrid_lora is tested with {name} {range_text(name)}, but {name} {version} is "
-                            f"installed (with {others}): the kernels and benchmarks may fail on it; the README's "
-                            "install section lists the tested releases")
+                            f"installed (with {others}): the kernels and benchmarks may fail on it; docs/install.md "
+                            "lists the tested releases")
     return messages
 
 
@@ -58,3 +60,24 @@ def installed() -> dict:
 def warn_if_untested():
     for message in untested(installed()):
         warnings.warn(message, UntestedVersionWarning, stacklevel=3)
+
+
+def source_revision(paths=()) -> str:
+    """Which code made a result: ``git describe --always`` of the clone the package runs from, with
+    '-dirty' when tracked files under `paths` (every tracked file when empty) have uncommitted changes;
+    'hybrid-lora <version>' when the package is not run from a git clone."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            raise ValueError("installed inside another repository")
+        head = git("describe", "--always")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        from . import __version__
+
+        return f"hybrid-lora {__version__}"
+    return head + ("-dirty" if dirty else "")

@@ -1,12 +1,13 @@
-"""Write the README's result sections from the committed runs' metrics.json and the comparisons' summary.json.
+"""Write the docs' result sections from the committed runs' metrics.json and the comparisons' summary.json.
 
-    python scripts/results_table.py [--readme README.md]
+    python scripts/results_table.py [--docs docs]
 
-Prints the sections; with --readme, replaces the text between each pair of
-markers in that file (``SECTIONS``: the runs and comparisons, the default's
-four conditions, the sweep the defaults were chosen from, the continual study). Every number comes
-from the JSON files under results/; nothing is typed in by hand. The CI test
-tests/test_committed_results.py checks that the README equals what this makes.
+Prints the sections; with --docs, replaces the text between each pair of
+markers (``SECTIONS``: the runs and comparisons, the default's four conditions,
+the sweep the defaults were chosen from, the continual study) in the Markdown
+file of that folder that holds them, with links relative to it. Every number
+comes from the JSON files under results/; nothing is typed in by hand. The CI
+test tests/test_committed_results.py checks that the docs equal what this makes.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 
 from hybrid_lora import study
+from hybrid_lora.files import write_text
 from hybrid_lora.summary import cell
 
 START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
@@ -100,7 +102,7 @@ def compare_section(compare_dir, rel):
     return "\n".join(lines)
 
 
-RUN_FOLDERS = ("default", "embedded-default")  # the measured default first, then the original preset's runs
+RUN_FOLDERS = ("default",)
 
 
 def experiment_section(results, base):
@@ -260,23 +262,28 @@ def fill(text, start, end, section):
     return f"{head}{start}\n{section}\n{end}{tail}"
 
 
+def holder(docs, start):
+    """The Markdown file under `docs` that holds the marker `start`."""
+    found = [p for p in sorted(Path(docs).glob("*.md")) if start in p.read_text(encoding="utf-8")]
+    if len(found) != 1:
+        raise SystemExit(f"{start}: expected one file under {docs} to hold it, found {[str(p) for p in found]}")
+    return found[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     root = Path(__file__).resolve().parents[1]
     parser.add_argument("--results", default=str(root / "results"))
-    parser.add_argument("--readme", default=None, help="a Markdown file whose markers to fill")
+    parser.add_argument("--docs", default=None, help="a folder whose Markdown files' markers to fill")
     args = parser.parse_args()
-    base = Path(args.readme).resolve().parent if args.readme else Path.cwd()
-    sections = [(start, end, make(Path(args.results), base)) for start, end, make in SECTIONS]
-    for _, _, section in sections:
-        print(section)
-    if args.readme:
-        text = Path(args.readme).read_text(encoding="utf-8")
-        for start, end, section in sections:
-            text = fill(text, start, end, section)
-        tmp = Path(args.readme).with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.readme)
+    for start, end, make in SECTIONS:
+        if args.docs is None:
+            print(make(Path(args.results), Path.cwd()))
+            continue
+        path = holder(args.docs, start)
+        text = fill(path.read_text(encoding="utf-8"), start, end, make(Path(args.results), path.resolve().parent))
+        write_text(path, text)
+        print(f"filled {start} in {path}")
 
 
 if __name__ == "__main__":

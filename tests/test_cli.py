@@ -11,6 +11,7 @@ from hybrid_lora import plots
 from hybrid_lora.cli import main
 from hybrid_lora.summary import mean_std
 from hybrid_lora.trainer import TrainConfig
+from hybrid_lora.versions import source_revision
 
 
 def _default(name):
@@ -45,6 +46,7 @@ def test_train_writes_config_metrics_adapters_and_plots(trained_run):
     config = json.loads((trained_run / "config.json").read_text())
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert config["variant"] == "hybrid" and config["seed"] == 42
+    assert config["versions"]["commit"] == source_revision()
     assert config["data"]["domains"] == ["embedded-a", "embedded-b"]
     assert config["data_sizes"] == {"embedded-a": {"train": 16, "eval": 8}, "embedded-b": {"train": 16, "eval": 8}}
     train_config = config["train_config"]

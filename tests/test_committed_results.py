@@ -1,5 +1,5 @@
 """The committed results: portable (no path of the machine they ran on), and the README's tables equal to what
-the repository's own script makes of them."""
+the repository's own script makes of them (in docs/)."""
 
 import importlib.util
 import json
@@ -48,15 +48,16 @@ def _results_table():
     return module
 
 
-def test_readme_tables_equal_the_committed_metrics():
+def test_docs_tables_equal_the_committed_metrics():
     table = _results_table()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for start, end, make in table.SECTIONS:
-        assert start in readme and end in readme, f"README.md lacks the markers {start} ... {end}"
-        shown = readme.split(start, 1)[1].split(end, 1)[0].strip()
-        assert shown == make(ROOT / "results", ROOT).strip(), (
-            f"README.md between {start} and {end} differs from the committed results; "
-            "run python scripts/results_table.py --readme README.md")
+        path = table.holder(ROOT / "docs", start)
+        text = path.read_text(encoding="utf-8")
+        assert end in text, f"{path.name} lacks the marker {end}"
+        shown = text.split(start, 1)[1].split(end, 1)[0].strip()
+        assert shown == make(ROOT / "results", path.parent).strip(), (
+            f"docs/{path.name} between {start} and {end} differs from the committed results; "
+            "run python scripts/results_table.py --docs docs")
 
 
 def test_the_quick_study_repeats_the_full_studys_runs():
@@ -67,3 +68,17 @@ def test_the_quick_study_repeats_the_full_studys_runs():
     for path in runs:
         twin = full / path.relative_to(quick)
         assert json.loads(path.read_text())["accuracy"] == json.loads(twin.read_text())["accuracy"], path
+
+
+def test_compare_runs_shows_a_run_equal_to_its_twin_and_refuses_a_missing_folder(capsys):
+    spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main_run, twin = RESULTS / "default" / "hybrid" / "seed-42", RESULTS / "default" / "compare" / "hybrid" / "seed-42"
+    if not main_run.is_dir() or not twin.is_dir():
+        pytest.skip("no committed default runs")
+    assert module.main([str(main_run), str(twin)]) == 0
+    printed = capsys.readouterr().out
+    assert "largest |difference| of accuracy: 0.00e+00" in printed and "torch 2.13.0+cpu" in printed
+    assert module.main([str(main_run), str(RESULTS / "no-such-run")]) == 2
+    assert "no-such-run' is not a finished run folder" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import hybrid_lora
 from hybrid_lora import versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +61,15 @@ def test_pyproject_states_the_same_range():
     for name in versions.TESTED:
         (spec,) = [d for d in dependencies if d.split(">")[0].split(";")[0].strip() == name]
         assert spec.split(";")[0].strip() == name + versions.range_text(name), spec
+
+
+def test_source_revision_names_the_clone_or_the_release(monkeypatch):
+    described = subprocess.run(["git", "describe", "--always"], cwd=ROOT, capture_output=True, text=True)
+    if described.returncode == 0:
+        assert versions.source_revision().removesuffix("-dirty") == described.stdout.strip()
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert versions.source_revision() == f"hybrid-lora {hybrid_lora.__version__}"
