@@ -160,13 +160,12 @@ def _names(dtypes):
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=0):
-    for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"fused_lora: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    device = x.device
+    device = x.device if isinstance(x, torch.Tensor) else None
     for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if tensor is None:  # bias only: the others are tensors
-            continue
+        if not isinstance(tensor, torch.Tensor):
+            if tensor is None and name == "bias":
+                continue
+            raise TypeError(f"fused_lora: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in _FLOAT_DTYPES:
             raise _error(f"{name} has dtype", tensor.dtype, f"one of {_names(_FLOAT_DTYPES)}")
         if tensor.device != device:
