@@ -180,8 +180,10 @@ class DataParallel:
     def wrap(self, model, device):
         """`model` in DistributedDataParallel (the model itself for one process).
 
-        Wrap again after the trainable parameters change shape (a rank cut):
-        DDP lays its buckets out once, at construction.
+        Wrap again after a rank cut: the cut makes new adapter Parameters, and
+        DDP lays its buckets out over the ones it is given, once, at construction.
+        `model` may be compiled (``compiled.compiled_model``): DDP's forward then
+        runs eager around the compiled graph.
         """
         if self.world == 1:
             return model

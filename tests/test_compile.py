@@ -26,12 +26,6 @@ VOCAB, LENGTH, WIDTH, R = 16, 8, 32, 16
 RANKS = (16, 5, 9, 1, 16, 12)  # the first call at the full width, then others, the full width again among them
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend_path(request, monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", request.param)
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -176,15 +170,21 @@ def real_graphs(counter):
     return [g for g in counter.graphs if any(n.op == "call_function" for n in g.graph.nodes)]
 
 
-# Inductor (the default) once, on GPT-2 and without the cut: its C++ code generation takes many seconds a graph
-# on a CPU.
-@pytest.mark.parametrize("model_name, compile_backend", [("gpt2", "aot_eager"), ("llama", "aot_eager"),
-                                                         ("gpt2", "inductor")])
-def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_name, backend_path, compile_backend,
-                                                                         request):
+# Inductor (the default) once: on GPT-2, on the Triton path (the default path: Inductor around the op's custom
+# ops), without the cut; its C++ code generation takes many seconds a graph on a CPU.
+@pytest.mark.parametrize("model_name, path, compile_backend", [
+    ("gpt2", "torch", "aot_eager"),
+    pytest.param("gpt2", "triton", "aot_eager", marks=pytest.mark.slow),
+    pytest.param("llama", "torch", "aot_eager", marks=pytest.mark.slow),
+    pytest.param("llama", "triton", "aot_eager", marks=pytest.mark.slow),
+    pytest.param("gpt2", "triton", "inductor", marks=pytest.mark.slow),
+])
+def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_name, path, compile_backend, request,
+                                                                         monkeypatch):
     """Compiled logits and gradients equal eager ones at every rank. A rank cut compiles once for the new width,
     and that graph serves every rank of it: the old width's graph never runs on the cut adapters (torch 2.11
     replayed it when a cut shrank the Parameters in place)."""
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
     if compile_backend == "inductor":
         request.getfixturevalue("inductor_in_process")
     model = tiny_lora_model(model_name)
@@ -205,7 +205,7 @@ def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_n
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     if compile_backend == "aot_eager":
         assert found["scalar inputs"] == [] and found["host reads"] == []
-        if backend_path == "triton":
+        if path == "triton":
             assert any("fused_lora_forward" in c for c in found["calls"])
             assert any("fused_lora_backward" in c for c in found["calls"])
 

@@ -16,7 +16,7 @@ import pytest
 from test_distributed import assert_close, finish, launch, torchrun
 
 # One stage after the first (so the schedule cuts 8 -> 4 at the second epoch) of frozen-mode DyLoRA with the
-# ordering penalty, on a 2-layer GPT-2 without dropout; micro-batches of 4, two per optimizer step (DDP's
+# ordering penalty, on a 1-layer GPT-2 without dropout; micro-batches of 4, two per optimizer step (DDP's
 # no_sync on the first). argv: result.json.
 SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     ids = (torch.randint(0, VOCAB, (16, 1), generator=g) + 3 * torch.arange(LENGTH)) % VOCAB
     examples = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0))
     layers = hybrid_lora.inject_lora(model, r_max=8, alpha=8.0, dropout=0.0)
