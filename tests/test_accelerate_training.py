@@ -13,7 +13,6 @@ import torch
 
 import hybrid_lora
 from hybrid_lora import peft_integration
-from hybrid_lora.compiled import compile_supported
 from hybrid_lora.models import EMBEDDED_MODEL_DIR
 from test_accelerate import input_ids, logits_and_grads, lora_grads, peft_model
 from test_peft_parity import VOCAB, assert_close_relative
@@ -144,8 +143,6 @@ def test_compiled_fullgraph_equals_peft_and_draws_eager_masks(backend, dropout, 
     """One graph of the training forward; dropout 0: peft's logits and gradients; dropout > 0: the eager
     accelerated model's at the same torch seed (the seed is drawn in the graph from torch's generator,
     which aot_eager runs as eager does)."""
-    if backend == "triton" and not compile_supported():
-        pytest.skip(f"torch {torch.__version__}: Dynamo does not trace the op's Triton path before torch 2.13")
     monkeypatch.setenv("HYBRID_LORA_BACKEND", backend)
     plain = peft_model("llama", dropout=dropout).train()
     fast = hybrid_lora.accelerate(copy.deepcopy(plain))
