@@ -14,7 +14,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import hybrid_lora
-from hybrid_lora import compiled
 from hybrid_lora.layer import LoRALinear, lora_layers
 from hybrid_lora.models import enable_activation_checkpointing
 
@@ -112,8 +111,6 @@ def test_torch_checkpoint_of_a_layer_called_twice_recomputes_both_masks(backend_
     assert not torch.allclose(first, second)
 
 
-@pytest.mark.skipif(not compiled.compile_supported(),
-                    reason=f"training compiled needs torch >= 2.13 (torch {torch.__version__} here)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_checkpointed_model_gives_the_eager_gradients(backend_path, kind):
     torch._dynamo.reset()
