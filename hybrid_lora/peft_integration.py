@@ -1,4 +1,4 @@
-"""peft's LoRA layers on the fused op: ``accelerate(model)`` patches a peft model in place, ``restore(model)`` undoes it.
+"""peft's LoRA layers on the fused op: ``accelerate(model)`` patches a peft model in place, ``restore`` undoes it.
 
 For each active adapter a, peft's ``lora.Linear.forward`` (peft/tuners/lora/layer.py) computes
 
@@ -40,10 +40,9 @@ import warnings
 import torch
 from torch import nn
 
-from .function import fused_lora
+from .function import _FLOAT_DTYPES, fused_lora  # the dtypes the op takes, and the op
 
 _CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero seed)}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LISTED = 6  # layer names shown per reason in accelerate's message
 _LINEAR, _DROPOUTS = (nn.Linear,), (nn.Dropout, nn.Identity)
 
@@ -172,7 +171,7 @@ def _fused_class():
     lora = _lora_module()
 
     class Linear(lora.Linear):
-        """peft's ``lora.Linear`` running ``fused_lora`` where it computes what peft computes (``hybrid_lora.accelerate``)."""
+        """peft's ``lora.Linear`` on ``fused_lora`` where that computes what peft does (``hybrid_lora.accelerate``)."""
 
         def forward(self, x, *args, **kwargs):
             call, _ = _plan(self, x, args, kwargs)
@@ -248,7 +247,7 @@ def accelerate(model, strict=False):
 
 
 def restore(model):
-    """Undo ``accelerate``: every patched layer runs peft's forward again, with nothing of ours left. Returns `model`."""
+    """Undo ``accelerate``: each patched layer runs peft's forward again, with nothing of ours left. Returns `model`."""
     for module in model.modules():
         if _is_patched(module):
             module.__class__ = type(module).__bases__[0]
