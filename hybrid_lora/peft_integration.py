@@ -1,4 +1,4 @@
-"""peft's LoRA layers on the fused op: ``accelerate(model)`` patches a peft model in place, ``restore(model)`` undoes it.
+"""peft's LoRA layers on the fused op: ``accelerate(model)`` patches a peft model in place, ``restore`` undoes it.
 
 For each active adapter a, peft's ``lora.Linear.forward`` (peft/tuners/lora/layer.py) computes
 
@@ -40,11 +40,11 @@ import warnings
 import torch
 from torch import nn
 
-from .function import fused_lora
+from .function import _FLOAT_DTYPES, fused_lora  # the dtypes the op takes, and the op
 
 _CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero seed)}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LISTED = 6  # layer names shown per reason in accelerate's message
+_LINEAR, _DROPOUTS = (nn.Linear,), (nn.Dropout, nn.Identity)
 
 
 def _lora_module():
@@ -55,22 +55,32 @@ def _lora_module():
     return layer
 
 
-def _conv1d_class():
+@functools.cache
+def _base_classes():
+    """The base layers the op stands in for: ``nn.Linear`` (W stored [N, K]) and ``transformers``' Conv1D ([K, N])."""
     from transformers.pytorch_utils import Conv1D
 
-    return Conv1D
+    return nn.Linear, Conv1D
 
 
 def _plain(module, classes):
-    """Whether `module` is of one of `classes` exactly and runs that class's forward: no hook, no forward of its own."""
-    return type(module) in classes and "forward" not in module.__dict__ and not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+    """Whether `module` is of one of `classes` exactly and runs that class's forward: no hook, no forward of its own.
+
+    Read from the instance's __dict__ (where nn.Module keeps its hooks): every call asks it four times.
+    """
+    state = module.__dict__
+    return type(module) in classes and "forward" not in state and not (
+        state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
+        or state["_backward_pre_hooks"])
 
 
 def _plan(layer, x, args, kwargs):
-    """(adapter name, None) when the fused op computes what peft's forward computes for this call, else (None, why).
+    """(arguments of the op, None) when it computes what peft's forward computes for this call, else (None, why).
 
-    With x None only the layer's state is checked (what ``accelerate`` reports).
+    The arguments: W [K, N], b, A [K, r], B [r, N] (views of peft's tensors), the dropout
+    probability in effect, the rank and the scale. With x None only the layer's state is
+    checked (what ``accelerate`` reports), and the arguments are left out. Every call runs
+    this, so it reads what it needs once and asks nothing twice.
     """
     if layer.disable_adapters:
         return None, "adapters disabled"
@@ -79,7 +89,11 @@ def _plan(layer, x, args, kwargs):
     if args or any(value is not None for value in kwargs.values()):
         # adapter_names (a mixed batch), a variant's arguments, or arguments for the base layer
         return None, "adapter_names or other forward arguments"
-    names = [name for name in layer.active_adapters if name in layer.lora_A]
+    # Submodules through _modules: nn.Module.__getattr__, the way `layer.lora_A` finds them, costs
+    # about a microsecond each, and this runs for every layer at every call.
+    modules = layer._modules
+    lora_as = modules["lora_A"]._modules
+    names = [name for name in layer.active_adapters if name in lora_as]
     if len(names) != 1:
         return None, f"{len(names)} active adapters"
     name = names[0]
@@ -88,36 +102,39 @@ def _plan(layer, x, args, kwargs):
     variant = getattr(layer, "lora_variant", {}).get(name)  # peft >= 0.15: DoRA and the other variants
     if variant is not None:
         return None, f"lora_variant {type(variant).__name__}"
-    lora_a, lora_b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if getattr(layer, "lora_bias", {}).get(name, False) or lora_b.bias is not None:
+    lora_a, lora_b, dropout = lora_as[name], modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name]
+    if getattr(layer, "lora_bias", {}).get(name, False) or lora_b._parameters.get("bias") is not None:
         return None, "lora_bias"
-    if not (_plain(lora_a, (nn.Linear,)) and _plain(lora_b, (nn.Linear,)) and lora_a.bias is None):
+    if not (_plain(lora_a, _LINEAR) and _plain(lora_b, _LINEAR) and lora_a._parameters.get("bias") is None):
         return None, "lora_A or lora_B is not a plain nn.Linear"
-    if not _plain(dropout, (nn.Dropout, nn.Identity)) or (isinstance(dropout, nn.Dropout) and dropout.p >= 1.0):
+    if not _plain(dropout, _DROPOUTS) or (type(dropout) is nn.Dropout and dropout.p >= 1.0):
         return None, f"lora_dropout is {type(dropout).__name__}"
-    base = layer.base_layer
-    if not _plain(base, (nn.Linear, _conv1d_class())):
+    base = modules["base_layer"]
+    if not _plain(base, _base_classes()):
         return None, f"base layer {type(base).__name__} (or a hook on it)"
-    weight, bias, a, b = base.weight, base.bias, lora_a.weight, lora_b.weight
+    weight, bias = base._parameters["weight"], base._parameters.get("bias")
+    a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
     if weight.dtype not in _FLOAT_DTYPES or (bias is not None and bias.dtype != weight.dtype):
         return None, f"base weight dtype {weight.dtype}"
     if a.dtype not in _FLOAT_DTYPES or b.dtype != a.dtype:
         return None, f"adapter dtypes {a.dtype}, {b.dtype}"
     if x is None:
-        return name, None
-    if not isinstance(x, torch.Tensor) or not (x.device == weight.device == a.device == b.device):
-        return None, "input, weight and adapter on different devices"
-    if torch.is_autocast_enabled(x.device.type):
-        return name, None  # the op casts x, W and b to the autocast dtype, as the base layer's autocast does
-    if x.dtype != weight.dtype:
-        return None, f"input dtype {x.dtype} with weight dtype {weight.dtype}"
-    # peft runs the adapter in its own dtype; the kernels read the adapter in x's dtype, or fp32
-    # adapters with fp16/bf16 inputs (what get_peft_model's autocast_adapter_dtype makes).
-    if a.dtype != x.dtype and not (a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-        return None, f"adapter dtype {a.dtype} with input dtype {x.dtype}"
-    if a.dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
-        return None, "input dtype casting disabled"
-    return name, None
+        return (), None
+    # Devices are not compared: where they differ, peft's forward fails as the op does.
+    if not torch.is_autocast_enabled(x.device.type):
+        # Under autocast the op casts x, W and b to the autocast dtype, as the base layer's autocast does.
+        if x.dtype != weight.dtype:
+            return None, f"input dtype {x.dtype} with weight dtype {weight.dtype}"
+        # peft runs the adapter in its own dtype; the kernels read the adapter in x's dtype, or fp32
+        # adapters with fp16/bf16 inputs (what get_peft_model's autocast_adapter_dtype makes).
+        if a.dtype != x.dtype:
+            if not (a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+                return None, f"adapter dtype {a.dtype} with input dtype {x.dtype}"
+            if not getattr(layer, "cast_input_dtype_enabled", True):
+                return None, "input dtype casting disabled"
+    dropout_p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+    weight = weight.t() if type(base) is nn.Linear else weight  # W as [K, N]: Conv1D's, or a view
+    return (weight, bias, a.t(), b.t(), dropout_p, a.shape[0], layer.scaling[name]), None
 
 
 def unsupported(layer, x=None, *args, **kwargs):
@@ -142,13 +159,9 @@ def _constants(layer, device, rank, scale):
     return held[2:]
 
 
-def _fused_forward(layer, name, x):
-    base, lora_a, lora_b = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
-    weight = base.weight if isinstance(base, _conv1d_class()) else base.weight.t()  # W as [K, N], a view
-    dropout = layer.lora_dropout[name]
-    dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    rank, scale, zero_seed = _constants(layer, x.device, lora_a.shape[0], layer.scaling[name])
-    return fused_lora(x, weight, base.bias, lora_a.t(), lora_b.t(), rank=rank, scale=scale, dropout_p=dropout_p,
+def _fused_call(layer, x, weight, bias, lora_a, lora_b, dropout_p, rank, scale):
+    rank, scale, zero_seed = _constants(layer, x.device, rank, scale)
+    return fused_lora(x, weight, bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=dropout_p,
                       seed=None if dropout_p > 0.0 else zero_seed)
 
 
@@ -158,13 +171,13 @@ def _fused_class():
     lora = _lora_module()
 
     class Linear(lora.Linear):
-        """peft's ``lora.Linear`` running ``fused_lora`` where it computes what peft computes (``hybrid_lora.accelerate``)."""
+        """peft's ``lora.Linear`` on ``fused_lora`` where that computes what peft does (``hybrid_lora.accelerate``)."""
 
         def forward(self, x, *args, **kwargs):
-            name, _ = _plan(self, x, args, kwargs)
-            if name is None:
+            call, _ = _plan(self, x, args, kwargs)
+            if call is None:
                 return super().forward(x, *args, **kwargs)
-            return _fused_forward(self, name, x)
+            return _fused_call(self, x, *call)
 
     Linear.__qualname__ = "_FusedLinear"  # where pickle finds it: this module's __getattr__
     return Linear
@@ -214,7 +227,7 @@ def accelerate(model, strict=False):
             left[name] = f"a {type(module).__name__} layer"
         elif "forward" in module.__dict__:
             left[name] = "forward replaced by another library"
-        elif not _plain(module.base_layer, (nn.Linear, _conv1d_class())):
+        elif not _plain(module.base_layer, _base_classes()):
             left[name] = f"base layer {type(module.base_layer).__name__} (or a hook on it)"
         else:
             # Patched even when its state is not supported now: merged, or several adapters active,
@@ -234,7 +247,7 @@ def accelerate(model, strict=False):
 
 
 def restore(model):
-    """Undo ``accelerate``: every patched layer runs peft's forward again, with nothing of ours left. Returns `model`."""
+    """Undo ``accelerate``: each patched layer runs peft's forward again, with nothing of ours left. Returns `model`."""
     for module in model.modules():
         if _is_patched(module):
             module.__class__ = type(module).__bases__[0]

@@ -229,6 +229,27 @@ def test_unsupported_layers_keep_peft_forward_or_raise_with_strict(case, torch_p
     assert fused_calls == []
 
 
+def test_hooked_base_layers_keep_peft_forward(torch_path, fused_calls):
+    """A hook on a base layer (DeepSpeed ZeRO-3 gathers weights in one, accelerate offloads in one) must run."""
+    plain = peft_model()
+    hooked = [m for m in plain.modules() if type(m).__name__ == "Linear" and hasattr(m, "base_layer")][:2]
+    for layer in hooked:
+        layer.base_layer.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2.0,))
+    fast = copy.deepcopy(plain)
+    with pytest.warns(UserWarning, match=r"2 of 7 peft LoRA layers run peft's forward \(base layer Linear \(or a "
+                                         r"hook on it\): .*q_proj, .*k_proj\)"):
+        hybrid_lora.accelerate(fast)
+    assert len(peft_integration.accelerated_layers(fast)) == 5
+    ids = input_ids()
+    assert_close_relative(fast(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert len(fused_calls) == 5
+    for model in (plain, fast):  # a hook that comes after accelerate is followed at the next call
+        model.base_model.model.model.layers[0].mlp.down_proj.base_layer.register_forward_hook(
+            lambda module, inputs, output: output + 1.0)
+    assert_close_relative(fast(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert len(fused_calls) == 5 + 4
+
+
 def test_a_layer_follows_its_state_at_call_time(torch_path, fused_calls):
     plain = _merged()
     with pytest.warns(UserWarning, match="merged"):

@@ -1,4 +1,4 @@
-"""The `peft+accelerate` layer provider and e2e pipeline: peft's layer running the fused op, counted as the fused one."""
+"""The `peft+accelerate` layer provider and e2e pipeline: peft's layer on the fused op, counted as the fused one."""
 
 import sys
 from pathlib import Path
