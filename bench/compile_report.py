@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid_lora.files import write_text
+from hybrid_lora.io.atomic import write_text
 
 from .record import (REPO_ROOT, RESULTS_DIR, commit, parse_dtype, read_csv, utc_now,
                      without_local_paths, write_csv)

@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from hybrid_lora.files import write_text
+from hybrid_lora.io.atomic import write_text
 
 from .record import RESULTS_DIR, REPO_ROOT, read_csv
 

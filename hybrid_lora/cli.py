@@ -26,17 +26,17 @@ import os
 import sys
 from pathlib import Path
 
-from . import distributed
-from .data import resolve_domain
-from .dynamic_rank import DYLORA_MODES
-from .errors import UserError
-from .experiment import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
-from .files import read_json, write_json, write_text
-from .folder_lock import hold_folder
-from .presets import PRESETS
-from .scaling import SCALE_RULES
-from .study import PLANS
-from .trainer import VARIANTS, TrainConfig
+from hybrid_lora.train import distributed
+from hybrid_lora.experiments.data import resolve_domain
+from hybrid_lora.train.dynamic_rank import DYLORA_MODES
+from hybrid_lora.errors import UserError
+from hybrid_lora.experiments.run import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
+from hybrid_lora.io.atomic import read_json, write_json, write_text
+from hybrid_lora.io.folder_lock import hold_folder
+from hybrid_lora.train.presets import PRESETS
+from hybrid_lora.nn.scaling import SCALE_RULES
+from hybrid_lora.experiments.study import PLANS
+from hybrid_lora.train.trainer import VARIANTS, TrainConfig
 
 _DEFAULTS = TrainConfig.__dataclass_fields__
 BACKENDS = ("auto", "triton", "torch")
@@ -189,7 +189,7 @@ def build_parser():
     compare.add_argument("--study", choices=tuple(PLANS), default=None,
                          help="run the continual study instead of --variants: the method, baselines, their lambda "
                               "sweeps and ablations over embedded A, B, C in two orders and 3 seeds (full), or "
-                              "its main arms on one order and seed (quick); see hybrid_lora/study.py")
+                              "its main arms on one order and seed (quick); see hybrid_lora/experiments/study.py")
     compare.add_argument("--jobs", type=_positive_int, default=1,
                          help="with --study: runs at once on this machine, each its own process (default: "
                               "%(default)s; on a CPU each gets --threads or its share of the cores)")
@@ -227,7 +227,7 @@ def build_parser():
 @contextlib.contextmanager
 def _backend(name, device):
     """Set HYBRID_LORA_BACKEND (and the Triton interpreter for Triton on a CPU) for the command, then restore."""
-    from . import backend
+    from hybrid_lora.ops import backend
 
     saved = {key: os.environ.get(key) for key in ("HYBRID_LORA_BACKEND", "TRITON_INTERPRET")}
     try:
@@ -250,7 +250,7 @@ def _backend(name, device):
 def _check_backend(parser, name, device):
     if name != "triton":
         return
-    from .backend import triton_installed
+    from hybrid_lora.ops.backend import triton_installed
 
     if not triton_installed():
         parser.error("--backend triton: triton is not installed")
@@ -260,7 +260,7 @@ def _check_backend(parser, name, device):
 
 
 def _device(parser, text):
-    from .models import pick_device
+    from hybrid_lora.io.models import pick_device
 
     try:
         return pick_device(text)
@@ -277,7 +277,7 @@ def _check_domains(parser, names):
 
 
 def _check_model(parser, name):
-    from .models import resolve_model
+    from hybrid_lora.io.models import resolve_model
 
     try:
         return resolve_model(name)
@@ -360,7 +360,7 @@ def _prepare(specs, out_dir, by_variant, args):
 
     Read before anything is written, so that bad data leaves the output folder as it was.
     """
-    from .models import load_tokenizer
+    from hybrid_lora.io.models import load_tokenizer
 
     parallel = distributed.current()
     pending = [spec for spec in specs
@@ -407,8 +407,8 @@ def _run_all(specs, out_dir, by_variant, args, tokenizer, domains):
 
 
 def _write_summary(results, out_dir, args):
-    from .plots import plot_comparison
-    from .summary import aggregate, headline_columns, markdown_table
+    from hybrid_lora.experiments.plots import plot_comparison
+    from hybrid_lora.experiments.summary import aggregate, headline_columns, markdown_table
 
     domains = next(iter(results.values()))[0]["domains"]
     table = aggregate({variant: [m["summary"] for m in runs] for variant, runs in results.items()})
@@ -490,7 +490,7 @@ def _child_argv(parser, args, spec, out_dir):
 
 def _gpu_ids(parser, args):
     """The GPU ids --gpus gave, or every visible one; exits 2 if there is none."""
-    from .device_pool import visible_gpus
+    from hybrid_lora.experiments.device_pool import visible_gpus
 
     ids = args.gpus or visible_gpus()
     if not ids:
@@ -500,7 +500,7 @@ def _gpu_ids(parser, args):
 
 
 def _compare_on_gpus(parser, args, specs):
-    from .device_pool import Job, run_on_devices
+    from hybrid_lora.experiments.device_pool import Job, run_on_devices
 
     if distributed.launched_by_torchrun():
         parser.error("--gpus starts one process per run itself; run compare without torchrun")
@@ -528,8 +528,8 @@ _STUDY_FLAGS = ("study", "jobs", "gpus", "out", "device", "threads", "backend", 
 
 
 def _study(parser, args):
-    from .device_pool import Job, run_on_devices, start_here, start_job
-    from .study import runs, write_summary
+    from hybrid_lora.experiments.device_pool import Job, run_on_devices, start_here, start_job
+    from hybrid_lora.experiments.study import runs, write_summary
 
     fixed = [action.option_strings[-1] for action in parser._actions
              if action.option_strings and action.dest not in _STUDY_FLAGS
@@ -569,8 +569,8 @@ def _study(parser, args):
 
 
 def _load_adapter_model(parser, args):
-    from .adapter_files import attach_adapter, read_adapter
-    from .models import load_model_and_tokenizer
+    from hybrid_lora.io.adapter_files import attach_adapter, read_adapter
+    from hybrid_lora.io.models import load_model_and_tokenizer
 
     _, metadata = read_adapter(args.adapter)
     model_name = args.model or metadata["base_model"]
@@ -588,9 +588,9 @@ def _check_rank(parser, flag, rank, r_max):
 def _eval(parser, args):
     from torch.utils.data import DataLoader
 
-    from .data import load_domain
-    from .layer import set_rank
-    from .metrics import evaluate
+    from hybrid_lora.experiments.data import load_domain
+    from hybrid_lora.nn.layer import set_rank
+    from hybrid_lora.train.metrics import evaluate
 
     device = _device(parser, args.device)
     _check_domains(parser, args.domains)
@@ -624,7 +624,7 @@ def _eval(parser, args):
 
 
 def _export(parser, args):
-    from .export import check_mergeable, export_merged, export_peft
+    from hybrid_lora.io.export import check_mergeable, export_merged, export_peft
 
     if not args.peft and not args.merged:
         parser.error("export: give --peft DIR, --merged DIR or both")

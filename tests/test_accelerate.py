@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hybrid_lora
-from hybrid_lora import peft_integration
+from hybrid_lora.nn import peft as peft_integration
 from test_peft_parity import ARCHITECTURES, VOCAB, assert_close_relative, base_model
 
 peft = pytest.importorskip("peft")

@@ -14,8 +14,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import hybrid_lora
-from hybrid_lora.layer import LoRALinear, lora_layers
-from hybrid_lora.models import enable_activation_checkpointing
+from hybrid_lora.nn.layer import LoRALinear, lora_layers
+from hybrid_lora.io.models import enable_activation_checkpointing
 
 VOCAB, LENGTH, R, DROPOUT = 16, 8, 4, 0.3
 KINDS = ("reentrant", "non-reentrant")
@@ -143,7 +143,7 @@ def test_train_with_gradient_checkpointing_ends_where_training_without_it_ends(t
     """`hybrid-lora train --gradient-checkpointing`: the same run, every block checkpointed, to the same figures."""
     import json
 
-    from hybrid_lora import trainer
+    from hybrid_lora.train import trainer
     from hybrid_lora.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
-from hybrid_lora import reference  # noqa: E402
+from hybrid_lora.ops import reference  # noqa: E402
 
 from bench.providers import (MODES, PROVIDERS, LayerShape, LayerWeights, build_layer, bytes_moved,  # noqa: E402
                              flops, tensor_bytes, traffic)

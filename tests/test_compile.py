@@ -19,9 +19,12 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import hybrid_lora
-from hybrid_lora import compiled, distributed, dynamic_rank, nonfinite
-from hybrid_lora.function import fused_lora_backward, fused_lora_forward
-from hybrid_lora.layer import lora_layers
+from hybrid_lora.train import compiled
+from hybrid_lora.train import distributed
+from hybrid_lora.train import dynamic_rank
+from hybrid_lora.train import nonfinite
+from hybrid_lora.ops.fused_lora import fused_lora_backward, fused_lora_forward
+from hybrid_lora.nn.layer import lora_layers
 
 VOCAB, LENGTH, WIDTH, R = 16, 8, 32, 16
 RANKS = (16, 5, 9, 1, 16, 12)  # the first call at the full width, then others, the full width again among them
@@ -210,7 +213,7 @@ def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_n
 
 def _train(model, steps, dylora, cut_at, ids, compile_backend=None):
     """A few DyLoRA steps through the trainer's own step function, the rank cut to R // 2 at step `cut_at`."""
-    from hybrid_lora import trainer
+    from hybrid_lora.train import trainer
 
     layers = lora_layers(model)
     config = trainer.TrainConfig(r_max=R, alpha=8.0, lora_dropout=0.25, dylora=dylora, lambda_order=1e-3,

@@ -24,8 +24,9 @@ SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from transformers import GPT2Config, GPT2LMHeadModel
     import hybrid_lora
-    from hybrid_lora import compiled, distributed
-    from hybrid_lora.trainer import Domain, train_stage, variant_config
+    from hybrid_lora.train import compiled
+    from hybrid_lora.train import distributed
+    from hybrid_lora.train.trainer import Domain, train_stage, variant_config
 
     torch.set_num_threads(1)
     compiled.COMPILE_BACKEND = "aot_eager"
@@ -92,7 +93,7 @@ def test_under_torchrun_the_model_is_compiled_inside_ddp_and_the_loss_stays_eage
 
     import torch
 
-    from hybrid_lora.compiled import compiled_model, loss_function
+    from hybrid_lora.train.compiled import compiled_model, loss_function
 
     model = torch.nn.Linear(2, 2)
     on, off = SimpleNamespace(compile=True), SimpleNamespace(compile=False)

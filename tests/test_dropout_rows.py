@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from hybrid_lora import fused_lora, reference
+from hybrid_lora import fused_lora
+from hybrid_lora.ops import reference
 from hybrid_lora.kernels.dropout import dropout_keep_mask
-from hybrid_lora.layer import LoRALinear
+from hybrid_lora.nn.layer import LoRALinear
 from test_distributed import assert_close, dropout_free_embedded_model, finish, launch, torchrun
 
 

@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 
-from hybrid_lora import backend
+from hybrid_lora.ops import backend
 
 from test_bench_gpu import assert_normwise_close, gpt2_inputs, reference_gradients, run_fused
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import hybrid_lora
-from hybrid_lora import dynamic_rank, trainer
-from hybrid_lora.metrics import causal_lm_loss, model_logits
-from hybrid_lora.regularizers import DC_MODES, order_penalty, snapshot_adapters
-from hybrid_lora.trainer import TrainConfig, VARIANTS, load_model, run_continual, variant_config
+from hybrid_lora.train import dynamic_rank
+from hybrid_lora.train import trainer
+from hybrid_lora.train.metrics import causal_lm_loss, model_logits
+from hybrid_lora.train.regularizers import DC_MODES, order_penalty, snapshot_adapters
+from hybrid_lora.train.trainer import TrainConfig, VARIANTS, load_model, run_continual, variant_config
 
 VOCAB, LENGTH, WIDTH, LAYERS = 16, 12, 32, 1
 
@@ -229,8 +230,8 @@ def test_dylora_first_step_trains_the_components_its_mode_says(torch_path, monke
 
 @pytest.mark.slow
 def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
-    from hybrid_lora import backend
-    from hybrid_lora.backend import select_backend
+    from hybrid_lora.ops import backend
+    from hybrid_lora.ops.backend import select_backend
 
     monkeypatch.delenv("HYBRID_LORA_BACKEND", raising=False)
     if select_backend(torch.device("cpu")) != "triton":
@@ -391,7 +392,7 @@ def test_nested_mode_steps_run_at_r_r_half_r_quarter_and_train_all_their_compone
 
 
 def test_l2_variant_pulls_the_second_stage_toward_the_first_adapter(torch_path):
-    from hybrid_lora.regularizers import l2_to_previous
+    from hybrid_lora.train.regularizers import l2_to_previous
 
     domains = [rule_domain("plus1", 1, 32, 8, seed=1), rule_domain("plus5", 5, 32, 8, seed=2)]
     distances = {}

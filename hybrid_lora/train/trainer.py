@@ -42,23 +42,23 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .adapter_files import named_adapters
-from .checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint,
+from hybrid_lora.train import distributed
+from hybrid_lora.io.adapter_files import named_adapters
+from hybrid_lora.train.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, optimizer_from_checkpoint,
                          optimizer_to_checkpoint, require_equal, rng_from_checkpoint, rng_to_checkpoint,
                          save_checkpoint, snapshot_from_checkpoint, snapshot_to_checkpoint)
-from .compiled import compiled_model, loss_function
-from .dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
+from hybrid_lora.train.compiled import compiled_model, loss_function
+from hybrid_lora.train.dynamic_rank import (DYLORA_MODES, RankSampler, active_rank, check_rank, check_rank_schedule,
                            freeze_leading_grads, scheduled_rank, step_rank, truncate_adapters)
-from .ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
-from .layer import inject_lora, lora_layers
-from .metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
-from .models import enable_activation_checkpointing, load_causal_lm, pick_device
-from .nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
-from .presets import base_lr, preset_fields
-from .replay import with_replay
-from .regularizers import DC_MODES, l2_to_previous, order_penalty, snapshot_adapters
-from .scaling import SCALE_RULES
+from hybrid_lora.train.ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
+from hybrid_lora.nn.layer import inject_lora, lora_layers
+from hybrid_lora.train.metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
+from hybrid_lora.io.models import enable_activation_checkpointing, load_causal_lm, pick_device
+from hybrid_lora.train.nonfinite import POLICIES, NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
+from hybrid_lora.train.presets import base_lr, preset_fields
+from hybrid_lora.train.replay import with_replay
+from hybrid_lora.train.regularizers import DC_MODES, l2_to_previous, order_penalty, snapshot_adapters
+from hybrid_lora.nn.scaling import SCALE_RULES
 
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 

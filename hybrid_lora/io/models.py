@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadValue, MissingFile, Unavailable
+from hybrid_lora.errors import BadValue, MissingFile, Unavailable
 
 EMBEDDED_MODEL = "embedded"
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-gpt2"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-gpt2"
 
 
 def pick_device(device=None):

@@ -33,7 +33,7 @@ supported torch (2.11 and newer). What the compiled path relies on:
 
 import torch
 
-from .metrics import model_logits
+from hybrid_lora.train.metrics import model_logits
 
 COMPILE_BACKEND = "inductor"  # what torch.compile lowers to; "aot_eager" skips code generation (tests)
 COMPILE_MODE = None  # "reduce-overhead" adds CUDA graphs on a GPU
