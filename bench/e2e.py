@@ -182,7 +182,8 @@ def _warm_rank_buckets(model, batch, device):
 
 def time_engine(model, batches, config, device):
     """(seconds per step, peak bytes) of run_continual's training, one stage of the ``hybrid`` variant."""
-    from hybrid_lora.train.trainer import Domain, run_continual, variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import Domain, run_continual
 
     train = [{k: v[i].cpu() for k, v in batch.items()} for batch in batches[config.warmup_steps:]
              for i in range(config.batch_size)]

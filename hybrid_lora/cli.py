@@ -26,17 +26,18 @@ import os
 import sys
 from pathlib import Path
 
-from hybrid_lora.train import distributed
-from hybrid_lora.experiments.data import resolve_domain
-from hybrid_lora.train.dynamic_rank import DYLORA_MODES
 from hybrid_lora.errors import UserError
-from hybrid_lora.experiments.run import DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains, run, say, train_config
+from hybrid_lora.experiments.data import resolve_domain
+from hybrid_lora.experiments.run import (DEFAULT_DOMAINS, DataSpec, RunSpec, is_finished, prepare_domains,
+                                         run, say, train_config)
+from hybrid_lora.experiments.study import PLANS
 from hybrid_lora.io.atomic import read_json, write_json, write_text
 from hybrid_lora.io.folder_lock import hold_folder
-from hybrid_lora.train.presets import PRESETS
 from hybrid_lora.nn.scaling import SCALE_RULES
-from hybrid_lora.experiments.study import PLANS
-from hybrid_lora.train.trainer import VARIANTS, TrainConfig
+from hybrid_lora.train import distributed
+from hybrid_lora.train.config import VARIANTS, TrainConfig
+from hybrid_lora.train.dynamic_rank import DYLORA_MODES
+from hybrid_lora.train.presets import PRESETS
 
 _DEFAULTS = TrainConfig.__dataclass_fields__
 BACKENDS = ("auto", "triton", "torch")

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 from hybrid_lora.experiments import study
-from hybrid_lora.io.atomic import write_text
 from hybrid_lora.experiments.summary import cell
+from hybrid_lora.io.atomic import write_text
 
 START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from hybrid_lora.experiments import plots
 from hybrid_lora.cli import main
+from hybrid_lora.experiments import plots
 from hybrid_lora.experiments.summary import mean_std
-from hybrid_lora.train.trainer import TrainConfig
+from hybrid_lora.train.config import TrainConfig
 from hybrid_lora.versions import source_revision
 
 

@@ -19,12 +19,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import hybrid_lora
-from hybrid_lora.train import compiled
-from hybrid_lora.train import distributed
-from hybrid_lora.train import dynamic_rank
-from hybrid_lora.train import nonfinite
-from hybrid_lora.ops.fused_lora import fused_lora_backward, fused_lora_forward
 from hybrid_lora.nn.layer import lora_layers
+from hybrid_lora.ops.fused_lora import fused_lora_backward, fused_lora_forward
+from hybrid_lora.train import compiled, distributed, dynamic_rank, nonfinite
 
 VOCAB, LENGTH, WIDTH, R = 16, 8, 32, 16
 RANKS = (16, 5, 9, 1, 16, 12)  # the first call at the full width, then others, the full width again among them
@@ -214,11 +211,13 @@ def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_n
 def _train(model, steps, dylora, cut_at, ids, compile_backend=None):
     """A few DyLoRA steps through the trainer's own step function, the rank cut to R // 2 at step `cut_at`."""
     from hybrid_lora.train import trainer
+    from hybrid_lora.train.config import TrainConfig
+    from hybrid_lora.train.state import EpochTotals
 
     layers = lora_layers(model)
-    config = trainer.TrainConfig(r_max=R, alpha=8.0, lora_dropout=0.25, dylora=dylora, lambda_order=1e-3,
-                                 lambda_dc=0.0, lr=1e-2, epochs=1, rank_schedule=(), device="cpu",
-                                 compile=compile_backend is not None)
+    config = TrainConfig(r_max=R, alpha=8.0, lora_dropout=0.25, dylora=dylora, lambda_order=1e-3,
+                         lambda_dc=0.0, lr=1e-2, epochs=1, rank_schedule=(), device="cpu",
+                         compile=compile_backend is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     device = torch.device("cpu")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
@@ -227,7 +226,7 @@ def _train(model, steps, dylora, cut_at, ids, compile_backend=None):
     stage = trainer._Stage(layers, optimizer, dynamic_rank.RankSampler(3), None, device, config, None,
                            parallel=parallel, guard=nonfinite.NonFiniteGuard(optimizer, device),
                            loss=compiled.loss_function(config, parallel, backend=compile_backend))
-    totals = trainer._EpochTotals.zeros(torch.device("cpu"))
+    totals = EpochTotals.zeros(torch.device("cpu"))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     for step in range(steps):
         if step == cut_at:

@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-
 from test_distributed import assert_close, finish, launch, torchrun
 
 # One stage after the first (so the schedule cuts 8 -> 4 at the second epoch) of frozen-mode DyLoRA with the
@@ -26,7 +25,8 @@ SCRIPT = textwrap.dedent("""
     import hybrid_lora
     from hybrid_lora.train import compiled
     from hybrid_lora.train import distributed
-    from hybrid_lora.train.trainer import Domain, train_stage, variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import Domain, train_stage
 
     torch.set_num_threads(1)
     compiled.COMPILE_BACKEND = "aot_eager"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_lora.train import distributed
 from hybrid_lora.experiments.device_pool import Job, run_on_devices, start_job, visible_gpus
+from hybrid_lora.train import distributed
 
 # Two-stage runs on a 2-layer GPT-2. argv: result.json, checkpoint folder or "-", mode, settings (comma-separated).
 # 21 training examples in global micro-batches of 4: the last has one example, so the second
@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent("""
     from transformers import GPT2Config, GPT2LMHeadModel
     import hybrid_lora
     from hybrid_lora.train import distributed
-    from hybrid_lora.train.trainer import run_continual, variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import run_continual
 
     torch.set_num_threads(1)
     out, folder, mode, settings = sys.argv[1:5]

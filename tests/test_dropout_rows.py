@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
+from test_distributed import assert_close, dropout_free_embedded_model, finish, launch, torchrun
 
 from hybrid_lora import fused_lora
-from hybrid_lora.ops import reference
 from hybrid_lora.kernels.dropout import dropout_keep_mask
 from hybrid_lora.nn.layer import LoRALinear
-from test_distributed import assert_close, dropout_free_embedded_model, finish, launch, torchrun
+from hybrid_lora.ops import reference
 
 
 def _bits(mask):

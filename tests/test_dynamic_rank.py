@@ -5,8 +5,8 @@ import torch
 
 from hybrid_lora import LoRAConv1D
 from hybrid_lora.ops import reference
-from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, check_rank_schedule, freeze_leading_grads,
-                                      scheduled_rank, truncate_adapters)
+from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, check_rank_schedule,
+                                            freeze_leading_grads, scheduled_rank, truncate_adapters)
 
 
 @pytest.fixture(autouse=True)

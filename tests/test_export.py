@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import TOLERANCES
+
 from hybrid_lora import inject_lora, lora_layers
-from hybrid_lora.io.adapter_files import attach_adapter, read_adapter, save_adapter
 from hybrid_lora.cli import main
+from hybrid_lora.io.adapter_files import attach_adapter, read_adapter, save_adapter
 from hybrid_lora.io.export import export_merged, export_peft, peft_state
 from hybrid_lora.io.models import load_model_and_tokenizer
 

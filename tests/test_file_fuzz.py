@@ -18,7 +18,8 @@ FUZZ = textwrap.dedent("""
     from hybrid_lora.io.adapter_files import read_adapter, save_adapter
     from hybrid_lora.train.checkpoint import load_checkpoint
     from hybrid_lora.errors import UserError
-    from hybrid_lora.train.trainer import TrainConfig, run_continual
+    from hybrid_lora.train.config import TrainConfig
+    from hybrid_lora.train.trainer import run_continual
 
     folder, per_file = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hybrid_lora import LoRAConv1D
-from hybrid_lora.train.regularizers import (DC_MODES, adapter_inner, domain_correlation, order_penalty, snapshot_adapters,
-                                      weight_correlation)
+from hybrid_lora.train.regularizers import (DC_MODES, adapter_inner, domain_correlation, order_penalty,
+                                            snapshot_adapters, weight_correlation)
 
 
 def random_layers(count=3, in_features=7, out_features=5, r_max=6, seed=0, dtype=torch.float64):

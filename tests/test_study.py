@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from hybrid_lora.experiments import device_pool
-from hybrid_lora.experiments import study
 from hybrid_lora.cli import main
+from hybrid_lora.experiments import device_pool, study
 from hybrid_lora.io.atomic import read_json
 
 

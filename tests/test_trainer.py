@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import hybrid_lora
-from hybrid_lora.train import dynamic_rank
-from hybrid_lora.train import trainer
+from hybrid_lora.train import dynamic_rank, trainer
+from hybrid_lora.train.config import VARIANTS, TrainConfig, load_model, resolved_dtype, variant_config
 from hybrid_lora.train.metrics import causal_lm_loss, model_logits
 from hybrid_lora.train.regularizers import DC_MODES, order_penalty, snapshot_adapters
-from hybrid_lora.train.trainer import TrainConfig, VARIANTS, load_model, run_continual, variant_config
+from hybrid_lora.train.trainer import run_continual
 
 VOCAB, LENGTH, WIDTH, LAYERS = 16, 12, 32, 1
 
@@ -289,7 +289,7 @@ def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
 def test_load_model_on_cuda_stores_adapted_weights_in_bf16_and_adapters_in_fp32(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path)
     config = TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0)
-    assert trainer.resolved_dtype(config, torch.device("cuda")) == "bfloat16"
+    assert resolved_dtype(config, torch.device("cuda")) == "bfloat16"
     model = load_model(config)
     for layer in hybrid_lora.lora_layers(model):
         assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
@@ -327,7 +327,7 @@ def test_run_continual_names_what_is_wrong(torch_path):
         run_continual(tiny_lora_model(r_max=4), [domain], TrainConfig(r_max=4, rank_schedule=(), device="gpu0"))
     with pytest.raises(ValueError, match="no domains given"):
         run_continual(tiny_lora_model(r_max=4), [], config)
-    with pytest.raises(ValueError, match="holds no LoRAConv1D"):
+    with pytest.raises(ValueError, match="holds no LoRA layer"):
         run_continual(tiny_gpt2(), [domain], config)
     with pytest.raises(ValueError, match=r"width \[8\]; expected config.r_max=4"):
         run_continual(tiny_lora_model(r_max=8), [domain], config)

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 
 from hybrid_lora import __version__
-from hybrid_lora.train import distributed
-from hybrid_lora.io.adapter_files import save_adapter
-from hybrid_lora.train.checkpoint import checkpoint_path
 from hybrid_lora.experiments.data import load_domain
+from hybrid_lora.io.adapter_files import save_adapter
 from hybrid_lora.io.atomic import read_json, write_json
-from hybrid_lora.nn.layer import lora_layers
 from hybrid_lora.io.models import load_tokenizer, resolve_model
-from hybrid_lora.train.trainer import load_model, run_continual, variant_config
+from hybrid_lora.nn.layer import lora_layers
+from hybrid_lora.train import distributed
+from hybrid_lora.train.checkpoint import checkpoint_path
+from hybrid_lora.train.config import load_model, variant_config
+from hybrid_lora.train.trainer import run_continual
 from hybrid_lora.versions import source_revision
 
 DEFAULT_DOMAINS = ("embedded-a", "embedded-b")

@@ -23,8 +23,8 @@ new-domain accuracy as the others' sweeps.
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_lora.io.atomic import read_json, write_json, write_text
 from hybrid_lora.experiments.summary import cell, mean_std
+from hybrid_lora.io.atomic import read_json, write_json, write_text
 
 ORDERS = {
     "a-b-c": ("embedded-a", "embedded-b", "embedded-c"),
