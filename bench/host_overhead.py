@@ -30,6 +30,7 @@ not), next to a steady call (``call`` column).
 import argparse
 import contextlib
 import copy
+import gc
 import os
 import statistics
 import time
@@ -103,14 +104,21 @@ def _timed_calls(layer, x, grad_y, calls, device):
 
     With one torch thread a CPU call runs wholly on the calling thread, and its
     CPU time leaves out the time other processes on a shared machine hold the core.
+    Python's garbage collector is off while the calls run.
     """
     clock = time.perf_counter if device.type == "cuda" else time.thread_time
-    start = clock()
-    for _ in range(calls):
-        layer(x).backward(grad_y)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (clock() - start) / calls * 1e6
+    collecting = gc.isenabled()
+    gc.disable()  # as timeit does: a collection's cost follows the process's heap, not the layer
+    try:
+        start = clock()
+        for _ in range(calls):
+            layer(x).backward(grad_y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (clock() - start) / calls * 1e6
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def measure(device, *, providers=PROVIDERS, M=8, K=64, N=64, r=16, dtype=torch.float32, calls=200, rounds=15,

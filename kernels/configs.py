@@ -8,6 +8,7 @@ tiles, deep pipelines for wgmma) and Ampere (smaller tiles, fewer stages).
 import triton
 
 from .interpreter import interpreter_enabled
+from .tiling import next_power_of_2
 
 # The rank is read by the kernels from a device tensor, so no launch argument
 # depends on it. Kernels tile the adapter width R in chunks of BLOCK_R columns,
@@ -20,7 +21,7 @@ MAX_RANK_BLOCK = 64
 
 def rank_block(rank: int) -> int:
     """The compile-time rank chunk for an adapter of width ``rank`` (R): next power of two, clamped to [16, 64]."""
-    return min(MAX_RANK_BLOCK, max(MIN_RANK_BLOCK, triton.next_power_of_2(rank)))
+    return min(MAX_RANK_BLOCK, max(MIN_RANK_BLOCK, next_power_of_2(rank)))
 
 
 # Autotune keys hold a bucket of the row count M, never M itself: with dynamic
@@ -36,7 +37,7 @@ MIN_M_BUCKET = 16
 
 def m_bucket(M: int) -> int:
     """The autotune key's stand-in for M rows: the next power of two, at least MIN_M_BUCKET."""
-    return max(MIN_M_BUCKET, triton.next_power_of_2(M))
+    return max(MIN_M_BUCKET, next_power_of_2(M))
 
 
 # A thread holding more than this many elements of an output tile spills on

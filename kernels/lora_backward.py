@@ -24,7 +24,7 @@ import triton.language as tl
 from .configs import gemm_configs, limit_tile_per_thread, m_bucket, rank_block, weight_grad_configs
 from .dropout import drop_threshold, keep_mask, mask_row_offset
 from .skinny import device_scalar, dot_precision, skinny_product
-from .tiling import grouped_tile
+from .tiling import cdiv, grouped_tile
 
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
@@ -151,9 +151,9 @@ def _row_splits(M: int, tiles: int, device) -> tuple[int, int]:
         programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         programs = 4
-    splits = max(1, min(triton.cdiv(M, 256), triton.cdiv(programs, tiles)))
-    rows_per_split = triton.cdiv(M, splits)
-    return triton.cdiv(M, rows_per_split), rows_per_split
+    splits = max(1, min(cdiv(M, 256), cdiv(programs, tiles)))
+    rows_per_split = cdiv(M, splits)
+    return cdiv(M, rows_per_split), rows_per_split
 
 
 def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, row_offset, out_dtype, transpose_out, device_scale=None):
@@ -165,7 +165,7 @@ def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, row_offset, out_dtype,
     M, C = u.shape
     R = g.shape[1]
     block_r = rank_block(R)
-    tiles = triton.cdiv(C, 128) * triton.cdiv(R, block_r)
+    tiles = cdiv(C, 128) * cdiv(R, block_r)
     splits, rows_per_split = _row_splits(M, tiles, u.device)
     if transpose_out:  # partial[s] is [R, C]; the kernel writes it through [C, R] strides
         partial = torch.empty((splits, R, C), dtype=torch.float32, device=u.device)
@@ -175,7 +175,7 @@ def _weight_grad(u, g, rank, keep_scale, dropout_p, seed, row_offset, out_dtype,
         strides = partial.stride()
 
     def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(R, block_r), splits)
+        return (cdiv(C, meta["BLOCK_C"]), cdiv(R, block_r), splits)
 
     _lora_grad_weight_kernel[grid](
         u, g, partial, rank, device_scale if device_scale is not None else rank, seed, row_offset,  # rank: never read
@@ -229,7 +229,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
         grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)
 
         def x_grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
 
         _fused_grad_x_kernel[x_grid](
             grad_y, weight, grad_s, lora_a, grad_x, rank, seed, row_offset,

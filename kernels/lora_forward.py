@@ -28,7 +28,7 @@ import triton.language as tl
 from .configs import (gemm_configs, limit_tile_per_thread, m_bucket, rank_block,
                       transposed_weight_at_widest_rank_block)
 from .skinny import device_scalar, dot_precision, skinny_product
-from .tiling import grouped_tile
+from .tiling import cdiv, grouped_tile
 
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "stride_wk"],
@@ -116,7 +116,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
     s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset)
 
     def gemm_grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     _fused_forward_kernel[gemm_grid](
         x, weight, bias if bias is not None else y, s_down, lora_b, y, rank, scale,

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .configs import down_configs, limit_tile_per_thread, m_bucket, rank_block
 from .dropout import drop_threshold, keep_mask, mask_row_offset
+from .tiling import cdiv
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -28,7 +29,7 @@ def device_scalar(value, dtype, device) -> torch.Tensor:
     accepted for eager callers.
     """
     if isinstance(value, torch.Tensor) and value.device == device:
-        return value.reshape(())
+        return value if value.ndim == 0 else value.reshape(())  # a reshape that changes nothing still dispatches
     return torch.as_tensor(value, dtype=dtype, device=device).reshape(())
 
 
@@ -108,7 +109,7 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0, row
     row_offset = mask_row_offset(row_offset, dropout_p, seed)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
+        return (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r))
 
     _skinny_product_kernel[grid](
         x, a, out, rank, scale, seed, row_offset,

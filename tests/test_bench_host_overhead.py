@@ -1,7 +1,7 @@
 """Host time per layer call (bench/host_overhead.py): the bench runs, and our layer costs no more than peft's LoRA.
 
-A ratio of two timings taken in turns in this one process, on the PyTorch
-path, with one torch thread and the thread's CPU time: it holds on a loaded
+A ratio of timings taken in turns in this one process, on the PyTorch path,
+with one torch thread and the thread's CPU time: it holds on a loaded
 machine, and says nothing of absolute speed.
 """
 
@@ -18,10 +18,10 @@ from bench import host_overhead  # noqa: E402
 
 pytest.importorskip("peft")
 
-# Our layer measured 0.97x to 1.09x peft on a loaded 2-core CPU (bench/README.md), where the op before
-# the backend was chosen once and the checks made free was 1.8x to 2.0x: the bound catches per-call
-# host work coming back, with room for the noise of a shared machine.
-MAX_OVER_PEFT = 1.25
+# Our layer measured 1.05x to 1.14x peft (median of paired rounds) on a loaded 2-core CPU, where the
+# op before the backend was chosen once and its checks made free was 1.7x to 2.0x: the bound catches
+# per-call host work coming back, with room for the noise of a shared machine.
+MAX_OVER_PEFT = 1.3
 
 
 def test_the_bench_writes_one_row_per_provider(tmp_path):
@@ -43,7 +43,7 @@ def test_the_autotune_rows_time_a_new_bucket_then_the_same_bucket():
 def test_our_layer_costs_no_more_host_time_per_call_than_peft():
     cpu = torch.device("cpu")
     with host_overhead.cpu_threads(1):
-        times = host_overhead.measure(cpu, calls=100, rounds=9, backend="torch")
-    ours, peft = statistics.median(times["ours"]), statistics.median(times["peft"])
-    assert ours <= MAX_OVER_PEFT * peft, (f"LoRALinear {ours:.1f} us per fwd+bwd call, peft {peft:.1f} us: "
-                                          f"{ours / peft:.2f}x")
+        times = host_overhead.measure(cpu, providers=("peft", "ours"), calls=30, rounds=41, backend="torch")
+    # Rounds of the two layers run back to back: the ratio within a round cancels the machine's drift.
+    ratio = statistics.median(ours / peft for ours, peft in zip(times["ours"], times["peft"]))
+    assert ratio <= MAX_OVER_PEFT, f"LoRALinear takes {ratio:.2f}x peft's host time per fwd+bwd call"

@@ -106,6 +106,43 @@ def _backward(ctx, grad_y, grad_s):
 fused_lora_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _traced_kernels(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
+    """Y of the custom op: what a traced call (torch.compile, torch.export) records in its graph."""
+    return fused_lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)[0]
+
+
+class _EagerKernels(torch.autograd.Function):
+    """Eager calls of the kernels: the launchers behind a plain autograd.Function, with the custom op's
+    forward and backward.
+
+    The custom op is what a traced call records; called eagerly, its dispatch
+    adds Python of its own to every call (binding the arguments to the schema,
+    a Dynamo-disabled wrapper around each implementation, a generated
+    autograd.Function around ours), about as much host time as the kernels'
+    launches, on a path that runs hundreds of times a step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
+        from hybrid_lora.kernels.lora_forward import lora_forward
+
+        y, s_down = lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
+        ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset)
+        ctx.dropout_p = dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from hybrid_lora.kernels.lora_backward import lora_backward
+
+        x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
+        needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
+        grad_x, grad_a, grad_b = lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, ctx.dropout_p,
+                                               seed, needs_grad_x=needs_x, needs_grad_a=needs_a, needs_grad_b=needs_b,
+                                               row_offset=row_offset)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+
+
 def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
     """The same op composed of PyTorch ops (autograd does the backward); rank, scale, seed are device tensors.
 
@@ -282,12 +319,13 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     # A 2-D x (and y) pass as they are: a reshape is one more node in autograd's graph per call.
     flat = x.dim() == 2
     x2d = x if flat else x.reshape(-1, x.shape[-1])
-    op = fused_lora_forward if backend == "triton" else _torch_path
+    if backend == "torch":
+        op = _torch_path
+    else:  # a constant to Dynamo: a traced call records the custom op
+        op = _traced_kernels if torch.compiler.is_compiling() else _EagerKernels.apply
     if autocast:
         with torch.autocast(device.type, enabled=False):
             y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
     else:
         y = op(x2d, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
-    if backend == "triton":
-        y = y[0]
     return y if flat else y.reshape(x.shape[:-1] + (weight.shape[1],))
