@@ -277,6 +277,12 @@ def test_a_layer_follows_its_state_at_call_time(torch_path, fused_calls):
         model.set_adapter("other")  # rank 2, scaling 6 / sqrt(2)
     assert_close_relative(fast(input_ids=ids).logits, plain(input_ids=ids).logits)
     assert len(fused_calls) == 14
+    for model in (plain, fast):
+        for layer in model.modules():
+            if isinstance(layer, peft.tuners.lora.LoraLayer):
+                layer.set_scale("other", 0.25)  # scaling 0.25 * 6 / sqrt(2)
+    assert_close_relative(fast(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert len(fused_calls) == 21
 
 
 def test_adapter_names_mixed_batch_runs_peft_forward(torch_path, fused_calls):
