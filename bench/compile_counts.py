@@ -53,9 +53,10 @@ def run(device, *, steps=100, r=64, batch=8, seq_len=128, model=None, backend="i
     """Train `steps` compiled DyLoRA steps (the rank cut at steps // 2) and count graphs and recordings."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hybrid_lora import compiled
     from hybrid_lora import inject_lora
-    from hybrid_lora.trainer import Domain, TrainConfig, train_stage
+    from hybrid_lora.train import compiled
+    from hybrid_lora.train.config import TrainConfig
+    from hybrid_lora.train.trainer import Domain, train_stage
 
     if steps < 2 or steps % 2:
         raise ValueError(f"steps={steps}: expected an even number >= 2 (two epochs, the cut between them)")

@@ -39,10 +39,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid_lora.files import write_text
+from hybrid_lora.io.atomic import write_text
 
-from .record import (REPO_ROOT, RESULTS_DIR, commit, parse_dtype, read_csv, utc_now,
-                     without_local_paths, write_csv)
+from .record import (REPO_ROOT, RESULTS_DIR, commit, parse_dtype, read_csv, utc_now, without_local_paths,
+                     write_csv)
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KiB: the most shared memory one block can opt into on sm_90
 SM90_REGISTERS_PER_SM = 65536

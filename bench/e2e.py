@@ -8,7 +8,7 @@ is enough to time a step):
 | `original`      | the original experiment's: peft LoRA, fp32, eager, loss from ``labels=``         |
 | `peft-bf16`     | the same under bf16 autocast                                                     |
 | `ours-layer`    | the same loop with ``hybrid_lora.inject_lora`` (the fused layer) under bf16 autocast |
-| `ours-engine`   | ``hybrid_lora.trainer.run_continual``, one stage of the default ``hybrid`` variant  |
+| `ours-engine`   | ``hybrid_lora.train.trainer.run_continual``, one stage of the default ``hybrid`` variant  |
 |                 | (CE + ordering penalty, DyLoRA rank sampling), bf16: what the package trains with |
 | `peft-compiled` | `peft-bf16` with the model under ``torch.compile`` (Inductor)                     |
 | `ours-compiled` | `ours-layer` with the model under ``torch.compile(fullgraph=True)`` (Inductor)    |
@@ -171,7 +171,7 @@ def time_loop(model, autocast_dtype, batches, config, device, compiled=None):
 def _warm_rank_buckets(model, batch, device):
     """Run one forward and backward at each rank bucket, so that no autotuning falls inside the timing."""
     from hybrid_lora import lora_layers
-    from hybrid_lora.dynamic_rank import active_rank
+    from hybrid_lora.train.dynamic_rank import active_rank
 
     layers = lora_layers(model)
     for rank in sorted({min(b, layers[0].r_max) for b in (1, 17, 33, layers[0].r_max)}):
@@ -182,7 +182,8 @@ def _warm_rank_buckets(model, batch, device):
 
 def time_engine(model, batches, config, device):
     """(seconds per step, peak bytes) of run_continual's training, one stage of the ``hybrid`` variant."""
-    from hybrid_lora.trainer import Domain, run_continual, variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import Domain, run_continual
 
     train = [{k: v[i].cpu() for k, v in batch.items()} for batch in batches[config.warmup_steps:]
              for i in range(config.batch_size)]

@@ -46,7 +46,7 @@ COLUMNS = ["provider", "backend", "call", "M", "K", "N", "r", "dtype", "us_per_c
 @contextlib.contextmanager
 def backend_path(name):
     """HYBRID_LORA_BACKEND set to `name` ('auto': unset) while the block runs, and the op told so."""
-    from hybrid_lora import backend
+    from hybrid_lora.ops import backend
 
     previous = os.environ.pop("HYBRID_LORA_BACKEND", None)
     if name != "auto":

@@ -24,8 +24,8 @@ import traceback
 
 import torch
 
-from .providers import (MODES, PROVIDERS, WEIGHT_LAYOUTS, LayerShape, LayerWeights, build_layer, bytes_moved, flops,
-                        lora_share)
+from .providers import (MODES, PROVIDERS, WEIGHT_LAYOUTS, LayerShape, LayerWeights, build_layer, bytes_moved,
+                        flops, lora_share)
 from .record import RESULTS_DIR, dtype_name, parse_dtype, pick_device, slug, stamp, utc_now, write_csv
 from .timing import time_fn
 

@@ -145,7 +145,7 @@ def checkpointing_run(device, config=None):
     config: a ``bench.e2e.E2EConfig`` (model, adapters, batch, sequence lengths; default: GPT-2 small at
     seq 128 and 1024, batch 8, r = 64, LoRA dropout 0.05). bf16 autocast on CUDA, fp32 elsewhere.
     """
-    from hybrid_lora.models import enable_activation_checkpointing
+    from hybrid_lora.io.models import enable_activation_checkpointing
 
     from .e2e import E2EConfig, model_name, random_batches, random_gpt2, with_fused
 

@@ -9,7 +9,7 @@
 |            | ``nn.Linear`` (``fan_in_fan_out=False``) for the ``out_in`` weight layout     |
 | `addmm`    | the composition unsloth uses: ``Y = addmm(b, X, W); Y.addmm_(X A, B, alpha=s)``, |
 |            | a hand-written backward with ``addmm_`` that recomputes ``X A``                |
-| `compiled` | ``torch.compile`` of ``hybrid_lora.reference.lora_forward``                    |
+| `compiled` | ``torch.compile`` of ``hybrid_lora.ops.reference.lora_forward``                    |
 | `fused`    | ``hybrid_lora.fused_lora``                                                    |
 | `peft+accelerate` | the `peft` layer after ``hybrid_lora.accelerate``: ``fused_lora`` at   |
 |            | peft's rank r (its adapter is r wide), called from peft's layer           |
@@ -354,7 +354,7 @@ def _build_addmm(shape, weights, x):
 
 
 def _reference_layer(x, weight, bias, lora_a, lora_b, rank: int, scale: float, dropout_p: float):
-    from hybrid_lora import reference
+    from hybrid_lora.ops import reference
 
     keep = torch.rand_like(x) >= dropout_p if dropout_p > 0.0 else None
     return reference.lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, keep, dropout_p)[0]

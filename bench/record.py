@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_lora.files import write_text
+from hybrid_lora.io.atomic import write_text
 from hybrid_lora.versions import source_revision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from hybrid_lora.files import write_text
+from hybrid_lora.io.atomic import write_text
 
-from .record import RESULTS_DIR, REPO_ROOT, read_csv
+from .record import REPO_ROOT, RESULTS_DIR, read_csv
 
 README = REPO_ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

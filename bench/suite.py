@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid_lora import backend
+from hybrid_lora.ops import backend
 
 from . import compile_counts, e2e, layer_bench, memory, rank_sweep, report
 from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, without_local_paths, write_csv

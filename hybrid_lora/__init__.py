@@ -1,13 +1,14 @@
 """hybrid-lora: fused Triton LoRA with a runtime rank, for continual DyLoRA fine-tuning of causal LMs."""
 
-from . import versions
+from hybrid_lora import versions
 
 versions.warn_if_untested()
 
-from . import reference  # noqa: E402
-from .function import fused_lora  # noqa: E402
-from .layer import LoRAConv1D, LoRALayer, LoRALinear, inject_lora, lora_layers, set_rank  # noqa: E402
-from .peft_integration import accelerate, restore  # noqa: E402
+from hybrid_lora.nn.layer import (LoRAConv1D, LoRALayer, LoRALinear, inject_lora, lora_layers,  # noqa: E402
+                                  set_rank)
+from hybrid_lora.nn.peft import accelerate, restore  # noqa: E402
+from hybrid_lora.ops import reference  # noqa: E402
+from hybrid_lora.ops.fused_lora import fused_lora  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -77,7 +77,7 @@ def source_revision(paths=()) -> str:
         head = git("describe", "--always")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     except (OSError, ValueError, subprocess.CalledProcessError):
-        from . import __version__
+        from hybrid_lora import __version__
 
         return f"hybrid-lora {__version__}"
     return head + ("-dirty" if dirty else "")

@@ -15,9 +15,9 @@ import json
 import os
 from pathlib import Path
 
-from hybrid_lora import study
-from hybrid_lora.files import write_text
-from hybrid_lora.summary import cell
+from hybrid_lora.experiments import study
+from hybrid_lora.experiments.summary import cell
+from hybrid_lora.io.atomic import write_text
 
 START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
 
@@ -224,7 +224,7 @@ def sweep_section(results, base):
 
 
 def study_section(results, base):
-    """The continual study's tables, made again from its runs' metrics.json (``hybrid_lora.study``)."""
+    """The continual study's tables, made again from its runs' metrics.json (``hybrid_lora.experiments.study``)."""
     root = Path(results) / "study"
     if not (root / "study.json").is_file():
         return "No study committed."

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hybrid_lora.plots import plot_tradeoff
+from hybrid_lora.experiments.plots import plot_tradeoff
 
 
 def _load(path):

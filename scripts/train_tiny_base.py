@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_lora.data import load_texts, tokenize
+from hybrid_lora.experiments.data import load_texts, tokenize
 
 EOS = "<|endoftext|>"
 

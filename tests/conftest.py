@@ -26,7 +26,7 @@ TOLERANCES = {
 @pytest.fixture(autouse=True)
 def backend_decided_per_test():
     """Tests set HYBRID_LORA_BACKEND with monkeypatch: the op decides its backend again in each test."""
-    from hybrid_lora import backend
+    from hybrid_lora.ops import backend
 
     backend.refresh()
     yield

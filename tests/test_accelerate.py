@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
+from test_peft_parity import ARCHITECTURES, VOCAB, assert_close_relative, base_model
 
 import hybrid_lora
-from hybrid_lora import peft_integration
-from test_peft_parity import ARCHITECTURES, VOCAB, assert_close_relative, base_model
+from hybrid_lora.nn import peft as peft_integration
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

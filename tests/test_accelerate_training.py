@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
-
-import hybrid_lora
-from hybrid_lora import peft_integration
-from hybrid_lora.models import EMBEDDED_MODEL_DIR
 from test_accelerate import input_ids, logits_and_grads, lora_grads, peft_model
 from test_peft_parity import VOCAB, assert_close_relative
+
+import hybrid_lora
+from hybrid_lora.io.models import EMBEDDED_MODEL_DIR
+from hybrid_lora.nn import peft as peft_integration
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -14,9 +14,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import hybrid_lora
-from hybrid_lora import compiled
-from hybrid_lora.layer import LoRALinear, lora_layers
-from hybrid_lora.models import enable_activation_checkpointing
+from hybrid_lora.io.models import enable_activation_checkpointing
+from hybrid_lora.nn.layer import LoRALinear, lora_layers
 
 VOCAB, LENGTH, R, DROPOUT = 16, 8, 4, 0.3
 KINDS = ("reentrant", "non-reentrant")
@@ -112,8 +111,6 @@ def test_torch_checkpoint_of_a_layer_called_twice_recomputes_both_masks(backend_
     assert not torch.allclose(first, second)
 
 
-@pytest.mark.skipif(not compiled.compile_supported(),
-                    reason=f"training compiled needs torch >= 2.13 (torch {torch.__version__} here)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_checkpointed_model_gives_the_eager_gradients(backend_path, kind):
     torch._dynamo.reset()
@@ -146,8 +143,8 @@ def test_train_with_gradient_checkpointing_ends_where_training_without_it_ends(t
     """`hybrid-lora train --gradient-checkpointing`: the same run, every block checkpointed, to the same figures."""
     import json
 
-    from hybrid_lora import trainer
     from hybrid_lora.cli import main
+    from hybrid_lora.train import trainer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")

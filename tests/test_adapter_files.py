@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 import hybrid_lora
-from hybrid_lora.adapter_files import AdapterFileError, read_adapter, save_adapter
-from hybrid_lora.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from hybrid_lora.tensor_files import NonFiniteTensor
+from hybrid_lora.io.adapter_files import AdapterFileError, read_adapter, save_adapter
+from hybrid_lora.io.tensor_files import NonFiniteTensor
+from hybrid_lora.train.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

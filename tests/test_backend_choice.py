@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from hybrid_lora import LoRALinear, backend, fused_lora
+from hybrid_lora import LoRALinear, fused_lora
+from hybrid_lora.ops import backend
 
 
 def small_inputs(M=4, K=16, N=8, R=8):

@@ -4,11 +4,11 @@ sample of each earlier domain joins every later stage. (L2: tests/test_regulariz
 
 import pytest
 import torch
+from test_trainer import rule_domain, tiny_lora_model
 
 import hybrid_lora
-from hybrid_lora.ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
-from hybrid_lora.metrics import causal_lm_loss, model_logits
-from test_trainer import rule_domain, tiny_lora_model
+from hybrid_lora.train.ewc import anchor_from_checkpoint, anchor_to_checkpoint, ewc_penalty, fisher_anchor
+from hybrid_lora.train.metrics import causal_lm_loss, model_logits
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,8 @@ def test_fisher_is_the_mean_squared_batch_gradient_and_the_penalty_its_weighted_
 
 
 def test_ewc_variant_keeps_the_second_stage_near_the_first_adapters():
-    from hybrid_lora.trainer import run_continual, variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import run_continual
 
     domains = [rule_domain("plus1", 1, 32, 8, seed=1), rule_domain("plus5", 5, 32, 8, seed=2)]
     moved = {}
@@ -72,8 +73,8 @@ def test_ewc_variant_keeps_the_second_stage_near_the_first_adapters():
 
 
 def test_replay_adds_the_same_small_sample_of_every_earlier_domain_and_leaves_eval_alone():
-    from hybrid_lora.replay import replay_sample, with_replay
-    from hybrid_lora.trainer import variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.replay import replay_sample, with_replay
 
     domains = [(f"d{i}", [{"id": (i, j)} for j in range(200)], [{"id": ("eval", i)}]) for i in range(3)]
     out = with_replay(domains, 0.02, seed=7)
@@ -94,9 +95,9 @@ def test_replay_pads_a_stage_that_mixes_domains_of_other_lengths_without_changin
     still batch with the stage's own, and the padding must not change what the model is trained on."""
     from torch.utils.data import DataLoader
 
-    from hybrid_lora.data import load_domain
-    from hybrid_lora.models import load_model_and_tokenizer
-    from hybrid_lora.replay import padded, with_replay
+    from hybrid_lora.experiments.data import load_domain
+    from hybrid_lora.io.models import load_model_and_tokenizer
+    from hybrid_lora.train.replay import padded, with_replay
 
     model, tokenizer = load_model_and_tokenizer("embedded")
     domains = [load_domain(name, tokenizer, n_train=40, n_eval=4) for name in ("embedded-a", "embedded-b")]

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_lora import fused_lora, reference
+from hybrid_lora import fused_lora
 from hybrid_lora.kernels.dropout import dropout_keep_mask
+from hybrid_lora.ops import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
@@ -134,8 +135,9 @@ def test_fused_matches_the_fp64_reference_at_llama_7b_shapes_in_linear_layout(N_
 
 
 def test_the_pytorch_path_and_the_kernels_drop_the_same_elements_on_the_device(monkeypatch):
-    from hybrid_lora import backend
     from test_dropout_paths import dropped_elements
+
+    from hybrid_lora.ops import backend
 
     seed, masks = fresh_seed(), {}
     for path in ("triton", "torch"):

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from bench import e2e  # noqa: E402
 from bench.providers import MODES, LayerShape, build_layer, bytes_moved, lora_share, traffic  # noqa: E402
-from hybrid_lora import peft_integration  # noqa: E402
+from hybrid_lora.nn import peft as peft_integration  # noqa: E402
 
 pytest.importorskip("peft")
 

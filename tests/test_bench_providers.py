@@ -9,11 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
-from hybrid_lora import reference  # noqa: E402
-
-from bench.providers import (MODES, PROVIDERS, LayerShape, LayerWeights, build_layer, bytes_moved,  # noqa: E402
-                             flops, tensor_bytes, traffic)
 from conftest import TOLERANCES  # noqa: E402
+
+from bench.providers import (MODES, PROVIDERS, LayerShape, LayerWeights, build_layer,  # noqa: E402
+                             bytes_moved, flops, tensor_bytes, traffic)
+from hybrid_lora.ops import reference  # noqa: E402
 
 TINY = LayerShape(M=24, K=32, N=48, r=5, dtype=torch.float32, r_max=16)
 GPT2 = dict(K=768, N=2304)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from hybrid_lora.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from hybrid_lora.train.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 
 # A two-stage run on a 2-layer GPT-2 with every source of randomness on: GPT-2's
 # dropouts, LoRA dropout, DyLoRA's sampled rank, shuffled data, a rank cut, and
@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent("""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     import hybrid_lora
-    from hybrid_lora.trainer import run_continual, variant_config
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import run_continual
 
     torch.set_num_threads(1)
     out, folder, mode = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -123,7 +124,8 @@ def tiny_run(tmp_path, folder="checkpoints", resume=False, width=32, train_seed=
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import hybrid_lora
-    from hybrid_lora.trainer import TrainConfig, run_continual
+    from hybrid_lora.train.config import TrainConfig
+    from hybrid_lora.train.trainer import run_continual
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=width, n_head=2, n_positions=8, vocab_size=16,

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from hybrid_lora import plots
 from hybrid_lora.cli import main
-from hybrid_lora.summary import mean_std
-from hybrid_lora.trainer import TrainConfig
+from hybrid_lora.experiments import plots
+from hybrid_lora.experiments.summary import mean_std
+from hybrid_lora.train.config import TrainConfig
 from hybrid_lora.versions import source_revision
 
 
@@ -192,7 +192,7 @@ def test_mean_std_is_the_sample_standard_deviation():
 
 
 def test_forgetting_and_the_run_summary_of_known_matrices():
-    from hybrid_lora.experiment import forgetting, run_summary
+    from hybrid_lora.experiments.run import forgetting, run_summary
 
     accuracy = [[0.80, 0.50], [0.60, 0.90]]
     loss = [[1.0, 2.0], [1.5, 0.7]]
@@ -206,7 +206,7 @@ def test_forgetting_and_the_run_summary_of_known_matrices():
 
 
 def test_resume_continues_an_interrupted_run_to_the_same_metrics(trained_run, tmp_path, monkeypatch, capsys):
-    from hybrid_lora import experiment
+    from hybrid_lora.experiments import run as experiment
 
     class Interrupted(Exception):
         pass

@@ -12,11 +12,10 @@ import sys
 import textwrap
 
 import pytest
-
 from test_distributed import assert_close, finish, launch, torchrun
 
 # One stage after the first (so the schedule cuts 8 -> 4 at the second epoch) of frozen-mode DyLoRA with the
-# ordering penalty, on a 2-layer GPT-2 without dropout; micro-batches of 4, two per optimizer step (DDP's
+# ordering penalty, on a 1-layer GPT-2 without dropout; micro-batches of 4, two per optimizer step (DDP's
 # no_sync on the first). argv: result.json.
 SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
@@ -24,8 +23,10 @@ SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from transformers import GPT2Config, GPT2LMHeadModel
     import hybrid_lora
-    from hybrid_lora import compiled, distributed
-    from hybrid_lora.trainer import Domain, train_stage, variant_config
+    from hybrid_lora.train import compiled
+    from hybrid_lora.train import distributed
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import Domain, train_stage
 
     torch.set_num_threads(1)
     compiled.COMPILE_BACKEND = "aot_eager"
@@ -36,7 +37,7 @@ SCRIPT = textwrap.dedent("""
     ids = (torch.randint(0, VOCAB, (16, 1), generator=g) + 3 * torch.arange(LENGTH)) % VOCAB
     examples = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0))
     layers = hybrid_lora.inject_lora(model, r_max=8, alpha=8.0, dropout=0.0)
@@ -92,7 +93,7 @@ def test_under_torchrun_the_model_is_compiled_inside_ddp_and_the_loss_stays_eage
 
     import torch
 
-    from hybrid_lora.compiled import compiled_model, loss_function
+    from hybrid_lora.train.compiled import compiled_model, loss_function
 
     model = torch.nn.Linear(2, 2)
     on, off = SimpleNamespace(compile=True), SimpleNamespace(compile=False)

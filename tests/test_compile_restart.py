@@ -15,7 +15,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import hybrid_lora
-from hybrid_lora import backend, fused_lora
+from hybrid_lora import fused_lora
+from hybrid_lora.ops import backend
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_lora import data
-from hybrid_lora.models import EMBEDDED_MODEL_DIR, load_model_and_tokenizer, load_tokenizer, resolve_model
+from hybrid_lora.experiments import data
+from hybrid_lora.io.models import EMBEDDED_MODEL_DIR, load_model_and_tokenizer, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ def run_without_optional(code):
 
 def test_package_op_layers_reference_and_bench_import_without_optional_packages():
     run = run_without_optional(
-        "import hybrid_lora, hybrid_lora.function, hybrid_lora.layer, hybrid_lora.reference, hybrid_lora.data\n"
+        "import hybrid_lora, hybrid_lora.ops.fused_lora, hybrid_lora.nn.layer, hybrid_lora.ops.reference, hybrid_lora.experiments.data\n"
         "import bench.launches, bench.suite, bench.compile_report, bench.rank_sweep, bench.providers, bench.e2e\n"
         "import bench.report, bench.memory, bench.layer_bench\n"
         "print('imported')\n")
@@ -54,7 +54,7 @@ def test_hub_data_without_datasets_says_how_to_install_it():
 
 
 def test_local_files_read_every_format_in_file_order(tmp_path):
-    from hybrid_lora.data import read_text_file
+    from hybrid_lora.experiments.data import read_text_file
 
     (tmp_path / "a.txt").write_text("first\n\n  \nsecond line, with a comma\n")
     assert read_text_file(tmp_path / "a.txt") == ["first", "second line, with a comma"]

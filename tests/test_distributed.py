@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_lora import distributed
-from hybrid_lora.device_pool import Job, run_on_devices, start_job, visible_gpus
+from hybrid_lora.experiments.device_pool import Job, run_on_devices, start_job, visible_gpus
+from hybrid_lora.train import distributed
 
 # Two-stage runs on a 2-layer GPT-2. argv: result.json, checkpoint folder or "-", mode, settings (comma-separated).
 # 21 training examples in global micro-batches of 4: the last has one example, so the second
@@ -30,8 +30,9 @@ SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from transformers import GPT2Config, GPT2LMHeadModel
     import hybrid_lora
-    from hybrid_lora import distributed
-    from hybrid_lora.trainer import run_continual, variant_config
+    from hybrid_lora.train import distributed
+    from hybrid_lora.train.config import variant_config
+    from hybrid_lora.train.trainer import run_continual
 
     torch.set_num_threads(1)
     out, folder, mode, settings = sys.argv[1:5]
@@ -209,7 +210,7 @@ def test_a_process_killed_mid_stage_resumes_under_torchrun_with_the_same_or_anot
     paused.wait(timeout=120)
     assert paused.returncode != 0
 
-    from hybrid_lora.checkpoint import load_checkpoint
+    from hybrid_lora.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(checkpoints)
     progress = meta["progress"]
@@ -232,7 +233,7 @@ def test_a_process_killed_mid_stage_resumes_under_torchrun_with_the_same_or_anot
 
 def dropout_free_embedded_model(folder):
     """The embedded GPT-2 with its own dropout (embeddings, attention, residual) set to 0."""
-    from hybrid_lora.models import EMBEDDED_MODEL_DIR
+    from hybrid_lora.io.models import EMBEDDED_MODEL_DIR
 
     shutil.copytree(EMBEDDED_MODEL_DIR, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -359,7 +360,8 @@ def test_visible_gpus_follow_cuda_visible_devices():
 
 def test_compare_on_gpus_runs_each_variant_and_seed_as_a_train_command(tmp_path, monkeypatch, capsys):
     """Two stand-in GPU ids on a CPU machine; the runs are made in this process to keep the test quick."""
-    from hybrid_lora import cli, device_pool
+    from hybrid_lora import cli
+    from hybrid_lora.experiments import device_pool
 
     class Done:
         def __init__(self, code):

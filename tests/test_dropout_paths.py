@@ -9,7 +9,8 @@ dropped. The comparison is exact, element by element, on both paths.
 import pytest
 import torch
 
-from hybrid_lora import backend, fused_lora
+from hybrid_lora import fused_lora
+from hybrid_lora.ops import backend
 
 
 def dropped_elements(device, M, K, seed, p):

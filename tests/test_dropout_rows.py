@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-
-from hybrid_lora import fused_lora, reference
-from hybrid_lora.kernels.dropout import dropout_keep_mask
-from hybrid_lora.layer import LoRALinear
 from test_distributed import assert_close, dropout_free_embedded_model, finish, launch, torchrun
+
+from hybrid_lora import fused_lora
+from hybrid_lora.kernels.dropout import dropout_keep_mask
+from hybrid_lora.nn.layer import LoRALinear
+from hybrid_lora.ops import reference
 
 
 def _bits(mask):
@@ -79,19 +80,22 @@ def test_a_layer_writes_its_row_offset_in_place_and_names_a_bad_one():
 
 @pytest.mark.slow
 def test_two_processes_with_lora_dropout_train_like_one(tmp_path):
-    """The base model's own dropout off: every random mask of the run is LoRA's, and must be the one process's."""
+    """The base model's own dropout off: every random mask of the run is LoRA's, and must be the one process's.
+
+    The two processes also checkpoint their blocks (DDP over recomputed forwards), which changes no figure."""
     model = dropout_free_embedded_model(tmp_path / "model")
     # 26 examples in batches of 8: the last global micro-batch has 2 rows, one per process (offsets 0 and 1).
     flags = ["train", "--device", "cpu", "--train-examples", "26", "--eval-examples", "8", "--epochs", "1",
              "--lora-dropout", "0.05", "--max-length", "32", "--r-max", "8", "--model", str(model), "--no-plots",
              "--threads", "1", "--log-every", "1", "--sweep-ranks"]
-    two = launch(torchrun("-m", "hybrid_lora", *flags, "--out", str(tmp_path / "two")), tmp_path / "two.log")
+    two = launch(torchrun("-m", "hybrid_lora", *flags, "--gradient-checkpointing", "--out", str(tmp_path / "two")),
+                 tmp_path / "two.log")
     one = launch([sys.executable, "-m", "hybrid_lora", *flags, "--out", str(tmp_path / "one")], tmp_path / "one.log")
     finish(two, tmp_path / "two.log")
     finish(one, tmp_path / "one.log")
     one_metrics, two_metrics = (json.loads((tmp_path / name / "seed-42" / "metrics.json").read_text())
                                 for name in ("one", "two"))
-    assert two_metrics["config"]["lora_dropout"] == 0.05
+    assert two_metrics["config"]["lora_dropout"] == 0.05 and two_metrics["config"]["gradient_checkpointing"]
     for key in ("accuracy", "loss", "retention", "bwt", "loss_change"):
         assert_close(two_metrics[key], one_metrics[key], key)
     steps, epochs = ([[row[k] for k in keys] for metrics in (one_metrics, two_metrics) for row in metrics["history"]

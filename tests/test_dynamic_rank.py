@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from hybrid_lora import LoRAConv1D, reference
-from hybrid_lora.dynamic_rank import (RankSampler, active_rank, check_rank_schedule, freeze_leading_grads,
-                                      scheduled_rank, truncate_adapters)
+from hybrid_lora import LoRAConv1D
+from hybrid_lora.ops import reference
+from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, check_rank_schedule,
+                                            freeze_leading_grads, scheduled_rank, truncate_adapters)
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +131,7 @@ def test_rank_cut_can_reset_the_state_and_refuses_to_grow():
 
 
 def test_nested_ranks_are_r_r_half_r_quarter_and_drawn_evenly():
-    from hybrid_lora.dynamic_rank import nested_ranks, step_rank
+    from hybrid_lora.train.dynamic_rank import nested_ranks, step_rank
 
     assert nested_ranks(64) == (16, 32, 64) and nested_ranks(6) == (1, 3, 6) and nested_ranks(2) == (1, 2)
     assert nested_ranks(1) == (1,)

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import TOLERANCES
+
 from hybrid_lora import inject_lora, lora_layers
-from hybrid_lora.adapter_files import attach_adapter, read_adapter, save_adapter
 from hybrid_lora.cli import main
-from hybrid_lora.export import export_merged, export_peft, peft_state
-from hybrid_lora.models import load_model_and_tokenizer
+from hybrid_lora.io.adapter_files import attach_adapter, read_adapter, save_adapter
+from hybrid_lora.io.export import export_merged, export_peft, peft_state
+from hybrid_lora.io.models import load_model_and_tokenizer
 
 R_MAX, RANK = 8, 3
 
@@ -142,7 +142,7 @@ def llama_dir(tmp_path_factory):
     """A random-weight Llama saved as a checkpoint folder, with the embedded tokenizer (no pad token)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hybrid_lora.models import load_tokenizer
+    from hybrid_lora.io.models import load_tokenizer
 
     tokenizer = load_tokenizer("embedded")
     torch.manual_seed(0)

@@ -106,7 +106,7 @@ def test_divergence_stops_before_a_non_finite_update_and_keeps_the_last_good_che
     assert not (run_dir / "adapters").exists() and not (run_dir / "metrics.json").exists()
     assert_all_finite(out)
     # The checkpoint left is the one written after the last good step, whole and loadable.
-    from hybrid_lora.checkpoint import load_checkpoint
+    from hybrid_lora.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(run_dir)
     assert meta["progress"]["global_step"] == step - 1 >= 1
@@ -140,7 +140,7 @@ def test_a_damaged_adapter_is_refused_by_eval(tmp_path):
 
 HOLDER = """
 import sys, time
-from hybrid_lora.folder_lock import hold_folder
+from hybrid_lora.io.folder_lock import hold_folder
 with hold_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(300)

@@ -15,10 +15,11 @@ FUZZ = textwrap.dedent("""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     import hybrid_lora
-    from hybrid_lora.adapter_files import read_adapter, save_adapter
-    from hybrid_lora.checkpoint import load_checkpoint
+    from hybrid_lora.io.adapter_files import read_adapter, save_adapter
+    from hybrid_lora.train.checkpoint import load_checkpoint
     from hybrid_lora.errors import UserError
-    from hybrid_lora.trainer import TrainConfig, run_continual
+    from hybrid_lora.train.config import TrainConfig
+    from hybrid_lora.train.trainer import run_continual
 
     folder, per_file = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
@@ -30,7 +31,7 @@ FUZZ = textwrap.dedent("""
     config = TrainConfig(r_max=4, alpha=4.0, epochs=1, batch_size=4, rank_schedule=(), sweep_ranks=(), log_every=0,
                          lr=1e-2, device="cpu")
     # A real checkpoint (written at the end of the run's stage) and the adapters of the trained model.
-    from hybrid_lora import trainer
+    from hybrid_lora.train import trainer
     saved = {}
     original_save = trainer.save_checkpoint
     def keep(directory, tensors, metadata):

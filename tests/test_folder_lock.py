@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from hybrid_lora import folder_lock
-from hybrid_lora.folder_lock import FolderInUse, hold_folder, lock_path
+from hybrid_lora.io import folder_lock
+from hybrid_lora.io.folder_lock import FolderInUse, hold_folder, lock_path
 
 
 def dead_pid():

@@ -8,10 +8,9 @@ the output, s S B, is well inside it.
 
 import pytest
 import torch
+from test_fused_lora import assert_close, reference_outputs
 
 from hybrid_lora import fused_lora
-
-from test_fused_lora import assert_close, reference_outputs
 
 M, K, N, RANK, SCALE, OUTLIER = 8, 256, 64, 1, 32.0, 40_000.0
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-from hybrid_lora import fused_lora, reference
-from hybrid_lora.kernels.dropout import dropout_keep_mask
-
 from conftest import TOLERANCES
+
+from hybrid_lora import fused_lora
+from hybrid_lora.kernels.dropout import dropout_keep_mask
+from hybrid_lora.ops import reference
 
 
 def make_inputs(M, K, N, R, dtype, device, adapter_dtype=torch.float32, bias=True, seed=0):

@@ -14,10 +14,9 @@ import importlib
 
 import pytest
 import torch
-
-from hybrid_lora import backend
-
 from test_bench_gpu import assert_normwise_close, gpt2_inputs, reference_gradients, run_fused
+
+from hybrid_lora.ops import backend
 
 forward_module = importlib.import_module("hybrid_lora.kernels.lora_forward")
 backward_module = importlib.import_module("hybrid_lora.kernels.lora_backward")

@@ -99,3 +99,18 @@ def test_no_installed_distribution_owns_a_name_the_repository_root_provides():
                and set(owners[name]) != {"hybrid-lora"} and set(owners[name]) != {"hybrid_lora"}}
     assert ours >= {"bench", "hybrid_lora"}
     assert not clashes, f"installed distributions own names the repository root shadows: {clashes}"
+
+
+def test_the_readme_layout_names_every_package_and_module():
+    """The README's layout table matches the tree: every sub-package and every module of it is named."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    packages = [p for p in (ROOT / "hybrid_lora").iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
+    packages.append(ROOT / "kernels")
+    for package in packages:
+        folder = f"{package.relative_to(ROOT)}/"
+        assert folder in rows, f"README's layout has no row for {folder}"
+        for module in package.glob("*.py"):
+            if module.name != "__init__.py":
+                assert f"`{module.name}`" in rows[folder], f"README's layout row {folder} does not name {module.name}"

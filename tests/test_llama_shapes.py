@@ -17,9 +17,8 @@ import importlib
 import pytest
 import torch
 import triton
-from triton.runtime.autotuner import Autotuner
-
 from test_fused_lora import assert_close, make_inputs, reference_outputs
+from triton.runtime.autotuner import Autotuner
 
 from hybrid_lora import fused_lora
 from hybrid_lora.kernels.dropout import dropout_keep_mask

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hybrid_lora.metrics import backward_transfer, causal_lm_loss, evaluate, final_minus_own, retention
+from hybrid_lora.train.metrics import backward_transfer, causal_lm_loss, evaluate, final_minus_own, retention
 
 VOCAB = 11
 

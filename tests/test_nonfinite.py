@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import hybrid_lora
-from hybrid_lora import distributed
-from hybrid_lora.nonfinite import NonFiniteError, NonFiniteGuard
-from hybrid_lora.trainer import TrainConfig, run_continual
+from hybrid_lora.train import distributed
+from hybrid_lora.train.config import TrainConfig
+from hybrid_lora.train.nonfinite import NonFiniteError, NonFiniteGuard
+from hybrid_lora.train.trainer import run_continual
 
 
 def params_and_optimizer(fused, device="cpu"):

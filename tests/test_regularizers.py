@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hybrid_lora import LoRAConv1D
-from hybrid_lora.regularizers import (DC_MODES, adapter_inner, domain_correlation, order_penalty, snapshot_adapters,
-                                      weight_correlation)
+from hybrid_lora.train.regularizers import (DC_MODES, adapter_inner, domain_correlation, order_penalty,
+                                            snapshot_adapters, weight_correlation)
 
 
 def random_layers(count=3, in_features=7, out_features=5, r_max=6, seed=0, dtype=torch.float64):
@@ -163,7 +163,7 @@ def test_weight_correlation_is_the_flattened_cosine_of_rank_aligned_factors_with
 
 
 def test_l2_to_previous_matches_the_dense_squared_distance_after_a_rank_cut_with_its_gradient():
-    from hybrid_lora.regularizers import l2_to_previous
+    from hybrid_lora.train.regularizers import l2_to_previous
 
     previous = random_layers(seed=1)
     snapshot = snapshot_adapters(previous)

@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
-
 from conftest import TOLERANCES
+
 from hybrid_lora import LoRAConv1D, inject_lora, lora_layers
-from hybrid_lora.adapter_files import attach_adapter, read_adapter, save_adapter
-from hybrid_lora.dynamic_rank import truncate_adapters
-from hybrid_lora.export import export_peft, peft_state
-from hybrid_lora.models import load_model_and_tokenizer
-from hybrid_lora.scaling import SCALE_RULES, lora_scale, peft_scale_fields
+from hybrid_lora.io.adapter_files import attach_adapter, read_adapter, save_adapter
+from hybrid_lora.io.export import export_peft, peft_state
+from hybrid_lora.io.models import load_model_and_tokenizer
+from hybrid_lora.nn.scaling import SCALE_RULES, lora_scale, peft_scale_fields
+from hybrid_lora.train.dynamic_rank import truncate_adapters
 
 R_MAX = 8
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from hybrid_lora import device_pool, study
 from hybrid_lora.cli import main
-from hybrid_lora.files import read_json
+from hybrid_lora.experiments import device_pool, study
+from hybrid_lora.io.atomic import read_json
 
 
 def test_scores_of_an_accuracy_matrix():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hybrid_lora import fused_lora, reference
+from hybrid_lora import fused_lora
+from hybrid_lora.ops import reference
 
 
 @pytest.fixture

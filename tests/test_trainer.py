@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import hybrid_lora
-from hybrid_lora import dynamic_rank, trainer
-from hybrid_lora.metrics import causal_lm_loss, model_logits
-from hybrid_lora.regularizers import DC_MODES, order_penalty, snapshot_adapters
-from hybrid_lora.trainer import TrainConfig, VARIANTS, load_model, run_continual, variant_config
+from hybrid_lora.train import dynamic_rank, trainer
+from hybrid_lora.train.config import VARIANTS, TrainConfig, load_model, resolved_dtype, variant_config
+from hybrid_lora.train.metrics import causal_lm_loss, model_logits
+from hybrid_lora.train.regularizers import DC_MODES, order_penalty, snapshot_adapters
+from hybrid_lora.train.trainer import run_continual
 
 VOCAB, LENGTH, WIDTH, LAYERS = 16, 12, 32, 1
 
@@ -229,8 +230,8 @@ def test_dylora_first_step_trains_the_components_its_mode_says(torch_path, monke
 
 @pytest.mark.slow
 def test_triton_kernels_train_like_the_pytorch_path(monkeypatch):
-    from hybrid_lora import backend
-    from hybrid_lora.backend import select_backend
+    from hybrid_lora.ops import backend
+    from hybrid_lora.ops.backend import select_backend
 
     monkeypatch.delenv("HYBRID_LORA_BACKEND", raising=False)
     if select_backend(torch.device("cpu")) != "triton":
@@ -288,7 +289,7 @@ def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
 def test_load_model_on_cuda_stores_adapted_weights_in_bf16_and_adapters_in_fp32(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path)
     config = TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0)
-    assert trainer.resolved_dtype(config, torch.device("cuda")) == "bfloat16"
+    assert resolved_dtype(config, torch.device("cuda")) == "bfloat16"
     model = load_model(config)
     for layer in hybrid_lora.lora_layers(model):
         assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
@@ -326,7 +327,7 @@ def test_run_continual_names_what_is_wrong(torch_path):
         run_continual(tiny_lora_model(r_max=4), [domain], TrainConfig(r_max=4, rank_schedule=(), device="gpu0"))
     with pytest.raises(ValueError, match="no domains given"):
         run_continual(tiny_lora_model(r_max=4), [], config)
-    with pytest.raises(ValueError, match="holds no LoRAConv1D"):
+    with pytest.raises(ValueError, match="holds no LoRA layer"):
         run_continual(tiny_gpt2(), [domain], config)
     with pytest.raises(ValueError, match=r"width \[8\]; expected config.r_max=4"):
         run_continual(tiny_lora_model(r_max=8), [domain], config)
@@ -391,7 +392,7 @@ def test_nested_mode_steps_run_at_r_r_half_r_quarter_and_train_all_their_compone
 
 
 def test_l2_variant_pulls_the_second_stage_toward_the_first_adapter(torch_path):
-    from hybrid_lora.regularizers import l2_to_previous
+    from hybrid_lora.train.regularizers import l2_to_previous
 
     domains = [rule_domain("plus1", 1, 32, 8, seed=1), rule_domain("plus5", 5, 32, 8, seed=2)]
     distances = {}

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .errors import UserError
+from hybrid_lora.errors import UserError
 
 POLICIES = ("stop", "skip")
 

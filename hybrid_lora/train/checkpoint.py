@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadValue
-from .regularizers import AdapterFactors, AdapterSnapshot
-from .tensor_files import decode, encode, read_bytes
+from hybrid_lora.errors import BadValue
+from hybrid_lora.io.tensor_files import decode, encode, read_bytes
+from hybrid_lora.train.regularizers import AdapterFactors, AdapterSnapshot
 
 FORMAT = "hybrid-lora-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.safetensors"

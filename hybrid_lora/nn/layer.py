@@ -46,9 +46,9 @@ import re
 import torch
 from torch import nn
 
-from .function import fused_lora
-from .reference import merged_weight
-from .scaling import DEFAULT_RULE, check_rule, lora_scale
+from hybrid_lora.nn.scaling import DEFAULT_RULE, check_rule, lora_scale
+from hybrid_lora.ops.fused_lora import fused_lora
+from hybrid_lora.ops.reference import merged_weight
 
 ALL_LINEAR = "all-linear"
 

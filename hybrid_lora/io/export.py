@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_files import named_adapters
-from .files import atomic_write, write_json
-from .layer import LoRAConv1D, LoRALinear, matches_target
-from .scaling import peft_scale_fields
+from hybrid_lora.io.adapter_files import named_adapters
+from hybrid_lora.io.atomic import atomic_write, write_json
+from hybrid_lora.nn.layer import LoRAConv1D, LoRALinear, matches_target
+from hybrid_lora.nn.scaling import peft_scale_fields
 
 PEFT_PREFIX = "base_model.model."
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadValue, MissingFile, Unavailable
+from hybrid_lora.errors import BadValue, MissingFile, Unavailable
 
 EMBEDDED_MODEL = "embedded"
-EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-gpt2"
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-gpt2"
 
 
 def pick_device(device=None):
@@ -114,7 +114,7 @@ def enable_activation_checkpointing(model):
         raise BadValue(f"gradient checkpointing: {type(model).__name__} does not support it; expected a "
                        "transformers model whose blocks can be checkpointed (GPT-2, Llama, ...)")
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25; the older name is deprecated there
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, where the older name is deprecated
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -8,11 +8,11 @@ compiled inside DDP. Both compile with ``fullgraph=True``, on every
 supported torch (2.11 and newer). What the compiled path relies on:
 
 - No per-step value is a Python number in the graph. A LoRA layer keeps
-  its active rank, its scale and its dropout seed in 0-d buffers written in
-  place, and the fused op reads them on the device, so DyLoRA's rank drawn
-  every step (on the host, from its own CPU generator: nothing is read back
-  from the device) and the dropout seed advanced every call change values,
-  not the graph. The frozen mode's gradient masking runs after backward on
+  its active rank and its scale in 0-d buffers written in place, and the
+  fused op reads them on the device, so DyLoRA's rank drawn every step (on
+  the host, from its own CPU generator: nothing is read back from the
+  device) changes values, not the graph; each call's dropout seed is a
+  random op of the graph, drawn on the device. The frozen mode's gradient masking runs after backward on
   the gradients, by host-side rank, with no host read either.
 - Static shapes (``dynamic=False``): a rank cut changes the adapters' shapes
   and compiles once per adapter width; a smaller last batch of an epoch
@@ -25,14 +25,15 @@ supported torch (2.11 and newer). What the compiled path relies on:
   runs it fused wherever torch has a fused AdamW for the device (CUDA, and
   the CPU in recent torch), so that it also skips non-finite steps on the
   device (``nonfinite``).
-- GPT-2's own dropout, under Inductor, draws from Inductor's generator, not
-  eager PyTorch's: with it on, a compiled run is a different (equally
-  random) run from an eager one; with it off, they agree to rounding.
+- GPT-2's own dropout and the LoRA dropout seeds, under Inductor, draw from
+  Inductor's generator, not eager PyTorch's: with either on, a compiled run
+  is a different (equally random) run from an eager one; with both off, they
+  agree to rounding.
 """
 
 import torch
 
-from .metrics import model_logits
+from hybrid_lora.train.metrics import model_logits
 
 COMPILE_BACKEND = "inductor"  # what torch.compile lowers to; "aot_eager" skips code generation (tests)
 COMPILE_MODE = None  # "reduce-overhead" adds CUDA graphs on a GPU

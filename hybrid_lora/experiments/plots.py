@@ -15,7 +15,7 @@ with matplotlib's object API (no pyplot, no global backend switch).
 import importlib.util
 from pathlib import Path
 
-from .files import atomic_write
+from hybrid_lora.io.atomic import atomic_write
 
 NO_MATPLOTLIB = "matplotlib is not installed: no plots are drawn (pip install 'hybrid-lora[plots]')"
 

@@ -19,7 +19,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .errors import BadValue, UserError
+from hybrid_lora.errors import BadValue, UserError
 
 LOCK_NAME = ".hybrid-lora.lock"
 

@@ -38,14 +38,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadValue, MissingFile, Unavailable
+from hybrid_lora.errors import BadValue, MissingFile, Unavailable
 
 HUB_DATASETS = ("imdb", "yelp_polarity")
 # domain name -> file stem in CORPUS_DIR
 EMBEDDED_DOMAINS = {"embedded-a": "embedded-a", "embedded-b": "embedded-b", "embedded-c": "embedded-c",
                     "embedded-general": "general"}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".csv")
-CORPUS_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[1] / "assets" / "corpus"
 SHUFFLE_SEED = 42  # the original's shuffle(seed=42) of every split
 
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .metrics import IGNORE_INDEX, causal_lm_loss, shifted_targets
+from hybrid_lora.train.metrics import IGNORE_INDEX, causal_lm_loss, shifted_targets
 
 
 class DistributedError(ValueError):
@@ -67,7 +67,7 @@ def setup(device_text="auto"):
     with CUDA) is the process's own GPU, LOCAL_RANK, with NCCL; "cpu" uses gloo.
     A single process returns the device as ``models.pick_device`` gives it.
     """
-    from .models import pick_device
+    from hybrid_lora.io.models import pick_device
 
     device = pick_device(None if device_text in (None, "", "auto") else device_text)
     if not launched_by_torchrun() or dist.is_initialized():
@@ -180,8 +180,10 @@ class DataParallel:
     def wrap(self, model, device):
         """`model` in DistributedDataParallel (the model itself for one process).
 
-        Wrap again after the trainable parameters change shape (a rank cut):
-        DDP lays its buckets out once, at construction.
+        Wrap again after a rank cut: the cut makes new adapter Parameters, and
+        DDP lays its buckets out over the ones it is given, once, at construction.
+        `model` may be compiled (``compiled.compiled_model``): DDP's forward then
+        runs eager around the compiled graph.
         """
         if self.world == 1:
             return model

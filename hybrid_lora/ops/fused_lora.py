@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from .backend import chosen_backend
+from hybrid_lora.ops import reference
+from hybrid_lora.ops.backend import chosen_backend
 
 # Sets: a membership test hashes once instead of comparing with each in turn.
 _FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
@@ -50,7 +50,7 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     tensor (fp64 in the layer, exact for fp64 callers) and the kernels convert
     every float they load or take to fp32 before using it.
     """
-    from .kernels.lora_forward import lora_forward
+    from hybrid_lora.kernels.lora_forward import lora_forward
 
     return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
 
@@ -70,7 +70,7 @@ def fused_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, s_down: torch.Ten
 
     A gradient not asked for comes back as an empty [0] tensor (an op returns no None).
     """
-    from .kernels.lora_backward import lora_backward
+    from hybrid_lora.kernels.lora_backward import lora_backward
 
     grads = lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed,
                           needs_grad_x=needs_grad_x, needs_grad_a=needs_grad_a, needs_grad_b=needs_grad_b,
@@ -160,13 +160,12 @@ def _names(dtypes):
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=0):
-    for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"fused_lora: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    device = x.device
+    device = x.device if isinstance(x, torch.Tensor) else None
     for name, tensor in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
-        if tensor is None:  # bias only: the others are tensors
-            continue
+        if not isinstance(tensor, torch.Tensor):
+            if tensor is None and name == "bias":
+                continue
+            raise TypeError(f"fused_lora: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype not in _FLOAT_DTYPES:
             raise _error(f"{name} has dtype", tensor.dtype, f"one of {_names(_FLOAT_DTYPES)}")
         if tensor.device != device:

@@ -23,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, distributed
-from .adapter_files import save_adapter
-from .checkpoint import checkpoint_path
-from .data import load_domain
-from .files import read_json, write_json
-from .layer import lora_layers
-from .models import load_tokenizer, resolve_model
-from .trainer import load_model, run_continual, variant_config
-from .versions import source_revision
+from hybrid_lora import __version__
+from hybrid_lora.experiments.data import load_domain
+from hybrid_lora.io.adapter_files import save_adapter
+from hybrid_lora.io.atomic import read_json, write_json
+from hybrid_lora.io.models import load_tokenizer, resolve_model
+from hybrid_lora.nn.layer import lora_layers
+from hybrid_lora.train import distributed
+from hybrid_lora.train.checkpoint import checkpoint_path
+from hybrid_lora.train.config import load_model, variant_config
+from hybrid_lora.train.trainer import run_continual
+from hybrid_lora.versions import source_revision
 
 DEFAULT_DOMAINS = ("embedded-a", "embedded-b")
 
@@ -218,7 +220,7 @@ def run(spec, run_dir, domains=None, tokenizer=None, echo=say, plot=True, resume
     if not main:
         return metrics
     if plot:
-        from .plots import plot_run
+        from hybrid_lora.experiments.plots import plot_run
 
         metrics["plots"] = plot_run(metrics, run_dir / "plots", echo=echo)
     write_json(run_dir / "metrics.json", metrics)

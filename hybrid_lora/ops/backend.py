@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .kernels.interpreter import interpreter_enabled
+from hybrid_lora.kernels.interpreter import interpreter_enabled
 
 BACKENDS = ("triton", "torch")
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import BadValue, MissingFile
+from hybrid_lora.errors import BadValue, MissingFile
 
 
 def _umask():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadValue, MissingFile
+from hybrid_lora.errors import BadValue, MissingFile
 
 DIGEST_KEY = "digest"
 

@@ -40,7 +40,7 @@ import warnings
 import torch
 from torch import nn
 
-from .function import _FLOAT_DTYPES, fused_lora  # the dtypes the op takes, and the op
+from hybrid_lora.ops.fused_lora import _FLOAT_DTYPES, fused_lora  # the dtypes the op takes, and the op
 
 _CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero seed)}
 _LISTED = 6  # layer names shown per reason in accelerate's message
@@ -184,7 +184,7 @@ def _fused_class():
 
 
 def __getattr__(name):
-    # A pickled patched layer names its class hybrid_lora.peft_integration._FusedLinear, made on first use.
+    # A pickled patched layer names its class hybrid_lora.nn.peft._FusedLinear, made on first use.
     if name == "_FusedLinear":
         return _fused_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

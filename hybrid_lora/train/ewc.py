@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from .metrics import causal_lm_loss, model_logits, move_batch
+from hybrid_lora.train.metrics import causal_lm_loss, model_logits, move_batch
 
 
 @dataclass

@@ -7,7 +7,7 @@ lr 5e-5 on every base. A preset sits under the variant's settings, which sit
 under any field given explicitly.
 """
 
-from .models import EMBEDDED_MODEL, EMBEDDED_MODEL_DIR
+from hybrid_lora.io.models import EMBEDDED_MODEL, EMBEDDED_MODEL_DIR
 
 ORIGINAL_LR = 5e-5  # the original experiment's, made for GPT-2 (124M)
 # The tiny embedded base (d_model 128) barely moves at 5e-5 in three epochs; 1e-3 is what it trains at.

@@ -17,11 +17,11 @@ import math
 
 import torch
 
-from .errors import BadValue
-from .files import atomic_write
-from .layer import LoRALayer, inject_lora
-from .scaling import SCALE_RULES
-from .tensor_files import decode, encode, non_finite, read_bytes
+from hybrid_lora.errors import BadValue
+from hybrid_lora.io.atomic import atomic_write
+from hybrid_lora.io.tensor_files import decode, encode, non_finite, read_bytes
+from hybrid_lora.nn.layer import LoRALayer, inject_lora
+from hybrid_lora.nn.scaling import SCALE_RULES
 
 FORMAT = "hybrid-lora-adapter/2"
 FORMATS_WITHOUT_DIGEST = ("hybrid-lora-adapter/1",)

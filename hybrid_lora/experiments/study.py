@@ -23,8 +23,8 @@ new-domain accuracy as the others' sweeps.
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_json, write_json, write_text
-from .summary import cell, mean_std
+from hybrid_lora.experiments.summary import cell, mean_std
+from hybrid_lora.io.atomic import read_json, write_json, write_text
 
 ORDERS = {
     "a-b-c": ("embedded-a", "embedded-b", "embedded-c"),
@@ -265,7 +265,7 @@ def write_summary(plan, out_dir, plot=True, echo=print):
                                         "table": table})
     write_text(out_dir / "study.md", text)
     if plot:
-        from .plots import plot_tradeoff
+        from hybrid_lora.experiments.plots import plot_tradeoff
 
         order = " -> ".join(ORDERS[plan.orders[0]])
         plot_tradeoff(pareto_points(plan, table), out_dir / "pareto.png", echo=echo,
