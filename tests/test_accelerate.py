@@ -24,6 +24,15 @@ R, ALPHA = 5, 10.0  # a rank that is no power of two; scaling 2
 LLAMA_TARGETS = ARCHITECTURES["llama"][1]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: at these sizes more threads only wait on each other (tenfold, on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fused_calls(monkeypatch):
     """The dropout_p of every call the patched layers make to fused_lora (an empty list: peft's forward ran)."""
@@ -268,6 +277,12 @@ def test_a_layer_follows_its_state_at_call_time(torch_path, fused_calls):
         model.set_adapter("other")  # rank 2, scaling 6 / sqrt(2)
     assert_close_relative(fast(input_ids=ids).logits, plain(input_ids=ids).logits)
     assert len(fused_calls) == 14
+    for model in (plain, fast):
+        for layer in model.modules():
+            if isinstance(layer, peft.tuners.lora.LoraLayer):
+                layer.set_scale("other", 0.25)  # scaling 0.25 * 6 / sqrt(2)
+    assert_close_relative(fast(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert len(fused_calls) == 21
 
 
 def test_adapter_names_mixed_batch_runs_peft_forward(torch_path, fused_calls):

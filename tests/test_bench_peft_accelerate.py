@@ -17,6 +17,15 @@ pytest.importorskip("peft")
 GPT2 = dict(K=768, N=2304)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: at these sizes more threads only wait on each other (tenfold, on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls = []
