@@ -31,7 +31,7 @@ def test_embedded_corpus_and_local_files_load_without_datasets(tmp_path):
     (tmp_path / "notes.jsonl").write_text("".join(f'{{"text": "row {i}", "id": {i}}}\n' for i in range(12)))
     (tmp_path / "notes.csv").write_text("id,text\n" + "".join(f'{i},"row, {i}"\n' for i in range(12)))
     run = run_without_optional(
-        "from hybrid_lora import data\n"
+        "from hybrid_lora.experiments import data\n"
         "train, evaluation = data.load_texts('embedded-a', n_train=5, n_eval=3)\n"
         "assert len(train) == 5 and len(evaluation) == 3\n"
         f"for suffix in ('txt', 'jsonl', 'csv'):\n"
@@ -43,7 +43,7 @@ def test_embedded_corpus_and_local_files_load_without_datasets(tmp_path):
 
 def test_hub_data_without_datasets_says_how_to_install_it():
     run = run_without_optional(
-        "from hybrid_lora import data\n"
+        "from hybrid_lora.experiments import data\n"
         "try:\n"
         "    data.load_texts('imdb', n_train=1, n_eval=1)\n"
         "except data.Unavailable as error:\n"
