@@ -108,7 +108,7 @@ def test_eval_sweeps_a_saved_adapter_and_matches_the_run(trained_run, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(adapter), "--rank", "9", "--eval-examples", "8"])
     assert exit_info.value.code == 2
-    assert "--rank 9: outside [1, 8]" in capsys.readouterr().err
+    assert "--rank: rank 9 is outside [1, 8] (r_max)" in capsys.readouterr().err
 
 
 def test_resume_keeps_a_finished_run(trained_run, capsys):

@@ -124,7 +124,7 @@ def test_export_command_writes_both_and_rejects_a_rank_above_r_max(tmp_path, tra
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(adapter), "--rank", "9", "--peft", str(tmp_path / "q")])
     assert exit_info.value.code == 2
-    assert "--rank 9: outside [1, 8]" in capsys.readouterr().err
+    assert "--rank: rank 9 is outside [1, 8] (r_max)" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(tmp_path / "none.safetensors"), "--peft", str(tmp_path / "q")])

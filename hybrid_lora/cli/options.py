@@ -8,6 +8,7 @@ import sys
 from hybrid_lora.errors import UserError
 from hybrid_lora.experiments.data import resolve_domain
 from hybrid_lora.experiments.run import DEFAULT_DOMAINS
+from hybrid_lora.nn.layer import check_rank as layer_check_rank
 from hybrid_lora.nn.scaling import SCALE_RULES
 from hybrid_lora.train.config import VARIANTS, TrainConfig
 from hybrid_lora.train.dynamic_rank import DYLORA_MODES
@@ -208,5 +209,8 @@ def check_model(parser, name):
 
 
 def check_rank(parser, flag, rank, r_max):
-    if not 1 <= rank <= r_max:
-        parser.error(f"{flag} {rank}: outside [1, {r_max}] (the adapter's r_max)")
+    """The layers' rank check, as a usage error naming the flag."""
+    try:
+        layer_check_rank(rank, r_max, flag)
+    except ValueError as err:
+        parser.error(str(err))

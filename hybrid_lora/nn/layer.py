@@ -53,6 +53,12 @@ from hybrid_lora.ops.reference import merged_weight
 ALL_LINEAR = "all-linear"
 
 
+def check_rank(rank, r_max, where):
+    """Raise, naming `where`, unless `rank` is an integer in [1, r_max]: the one rank check of the package."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+        raise ValueError(f"{where}: rank {rank!r} is outside [1, {r_max}] (r_max)")
+
+
 class LoRALayer(nn.Module):
     """The adapter, its rank and merging, over a frozen weight seen as W [in, out] by ``frozen_weight()``.
 
@@ -142,8 +148,7 @@ class LoRALayer(nn.Module):
 
 
     def _check_rank(self, r, what):
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.r_max:
-            raise ValueError(f"{type(self).__name__}.{what}: rank {r!r} is outside [1, {self.r_max}] (r_max)")
+        check_rank(r, self.r_max, f"{type(self).__name__}.{what}")
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.{what}: the adapter is merged into the weight; "
                                "call unmerge() first")

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from hybrid_lora.io.models import load_causal_lm, pick_device
-from hybrid_lora.nn.layer import inject_lora
+from hybrid_lora.nn.layer import check_rank, inject_lora
 from hybrid_lora.nn.scaling import SCALE_RULES
-from hybrid_lora.train.dynamic_rank import DYLORA_MODES, check_rank, check_rank_schedule
+from hybrid_lora.train.dynamic_rank import DYLORA_MODES, check_rank_schedule
 from hybrid_lora.train.nonfinite import POLICIES
 from hybrid_lora.train.presets import base_lr, preset_fields
 from hybrid_lora.train.regularizers import DC_MODES

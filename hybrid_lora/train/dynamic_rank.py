@@ -24,14 +24,10 @@ from contextlib import contextmanager
 
 import torch
 
+from hybrid_lora.nn.layer import check_rank
+
 DYLORA_MODES = ("off", "frozen", "full", "nested")
 NESTED_DIVISORS = (1, 2, 4)  # nested mode trains the ranks r // d
-
-
-def check_rank(rank, r_max, where):
-    """Raise, naming `where`, unless `rank` is an integer in [1, r_max]."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
-        raise ValueError(f"{where}: rank {rank!r} is outside [1, {r_max}] (r_max)")
 
 
 def check_rank_schedule(schedule, r_max, epochs):
