@@ -235,7 +235,7 @@ def test_resume_continues_an_interrupted_run_to_the_same_metrics(trained_run, tm
 
 
 def test_user_errors_are_one_line_and_internal_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
-    from hybrid_lora import cli
+    from hybrid_lora.cli import train as train_verb
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -249,6 +249,6 @@ def test_user_errors_are_one_line_and_internal_errors_keep_their_traceback(tmp_p
     def broken(*args, **kwargs):
         raise RuntimeError("a fault of the program")
 
-    monkeypatch.setattr(cli, "prepare_domains", broken)
+    monkeypatch.setattr(train_verb, "prepare_domains", broken)
     with pytest.raises(RuntimeError, match="a fault of the program"):  # not turned into a user error
         main(["train", *TINY, "--out", str(tmp_path / "run")])
