@@ -31,14 +31,14 @@ FUZZ = textwrap.dedent("""
     config = TrainConfig(r_max=4, alpha=4.0, epochs=1, batch_size=4, rank_schedule=(), sweep_ranks=(), log_every=0,
                          lr=1e-2, device="cpu")
     # A real checkpoint (written at the end of the run's stage) and the adapters of the trained model.
-    from hybrid_lora.train import trainer
+    from hybrid_lora.train import checkpointer
     saved = {}
-    original_save = trainer.save_checkpoint
+    original_save = checkpointer.save_checkpoint
     def keep(directory, tensors, metadata):
         path = original_save(directory, tensors, metadata)
         saved["bytes"] = path.read_bytes()
         return path
-    trainer.save_checkpoint = keep
+    checkpointer.save_checkpoint = keep
     run_continual(model, [("random", examples, examples[:4])], config, checkpoint_dir=folder + "/ckpt")
     adapter_path = folder + "/adapter.safetensors"
     save_adapter(model, adapter_path, "embedded")
