@@ -36,3 +36,28 @@ def backend_decided_per_test():
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: at the peft tests' sizes more threads only wait on each other (tenfold, on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The dropout_p of every call peft layers patched by ``accelerate`` make to fused_lora (empty: peft's ran)."""
+    from hybrid_lora.nn import peft as peft_integration
+
+    calls = []
+    real = peft_integration.fused_lora
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["dropout_p"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_integration, "fused_lora", counting)
+    return calls

@@ -24,27 +24,7 @@ R, ALPHA = 5, 10.0  # a rank that is no power of two; scaling 2
 LLAMA_TARGETS = ARCHITECTURES["llama"][1]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: at these sizes more threads only wait on each other (tenfold, on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The dropout_p of every call the patched layers make to fused_lora (an empty list: peft's forward ran)."""
-    calls = []
-    real = peft_integration.fused_lora
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["dropout_p"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(peft_integration, "fused_lora", counting)
-    return calls
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -23,13 +23,7 @@ transformers = pytest.importorskip("transformers")
 STEPS, BATCH, LENGTH = 20, 2, 12
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: at these sizes more threads only wait on each other (tenfold, on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

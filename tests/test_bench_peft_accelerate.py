@@ -10,33 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from bench import e2e  # noqa: E402
 from bench.providers import MODES, LayerShape, build_layer, bytes_moved, lora_share, traffic  # noqa: E402
-from hybrid_lora.nn import peft as peft_integration  # noqa: E402
 
 pytest.importorskip("peft")
 
 GPT2 = dict(K=768, N=2304)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: at these sizes more threads only wait on each other (tenfold, on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    calls = []
-    real = peft_integration.fused_lora
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["dropout_p"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(peft_integration, "fused_lora", counting)
-    return calls
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("weight_layout", ["in_out", "out_in"])
