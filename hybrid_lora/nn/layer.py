@@ -59,6 +59,15 @@ def check_rank(rank, r_max, where):
         raise ValueError(f"{where}: rank {rank!r} is outside [1, {r_max}] (r_max)")
 
 
+def _scale_dtype(adapter_dtype):
+    """fp32, what the kernels read, or fp64 for an fp64 adapter, whose PyTorch path is then exact.
+
+    Not fp64 always: on a CPU, Dynamo takes a 0-d fp64 tensor for a wrapped Python float
+    and restarts its first trace (tests/test_compile_restart.py).
+    """
+    return torch.float64 if adapter_dtype == torch.float64 else torch.float32
+
+
 class LoRALayer(nn.Module):
     """The adapter, its rank and merging, over a frozen weight seen as W [in, out] by ``frozen_weight()``.
 
@@ -91,8 +100,8 @@ class LoRALayer(nn.Module):
         # Not in the state dict: rank and scale follow from the host's rank, the row offset from the batch.
         device = weight.device
         self.register_buffer("rank_tensor", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        # fp64 holds alpha / r exactly for fp64 callers; the kernels read it as fp32.
-        self.register_buffer("scale_tensor", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+        self.register_buffer("scale_tensor", torch.zeros((), dtype=_scale_dtype(weight.dtype), device=device),
+                             persistent=False)
         # Row of the batch that the input's first row is (see set_dropout_row_offset).
         self.register_buffer("dropout_row_offset", torch.zeros((), dtype=torch.int64, device=device),
                              persistent=False)
@@ -139,10 +148,11 @@ class LoRALayer(nn.Module):
         self.scale_tensor.fill_(self.compute_scale(r))
 
     def _apply(self, fn, recurse=True):
-        # module.half() or .to(dtype) would round the scale: it stays fp64.
+        # module.half() would round the scale and module.double() widen a rounded one: recompute it.
         super()._apply(fn, recurse)
-        if self.scale_tensor.dtype != torch.float64:
-            self.scale_tensor = torch.full((), self.compute_scale(self.rank), dtype=torch.float64,
+        dtype = _scale_dtype(self.lora_a.dtype)
+        if self.scale_tensor.dtype != dtype:
+            self.scale_tensor = torch.full((), self.compute_scale(self.rank), dtype=dtype,
                                            device=self.scale_tensor.device)
         return self
 

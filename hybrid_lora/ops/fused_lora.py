@@ -47,7 +47,7 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     these kernels are GEMMs Inductor would not fuse into anyway: the gain
     would be a launch wrapper, the cost untested code. Inductor also passes
     Python floats to kernels it launches as fp64; here the scale is a device
-    tensor (fp64 in the layer, exact for fp64 callers) and the kernels convert
+    tensor (fp32 in the layer, fp64 for an fp64 adapter) and the kernels convert
     every float they load or take to fp32 before using it.
     """
     from hybrid_lora.kernels.lora_forward import lora_forward
