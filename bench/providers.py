@@ -294,9 +294,12 @@ def _build_fused(shape, weights, x):
 
     w, b = weights.weight, weights.bias
     a, bb = _trainable_adapters(weights)
+    # Held on the device once, as the layer holds them: a Python number would be a copy per call.
+    rank = torch.tensor(shape.r, dtype=torch.int64, device=x.device)
+    scale = torch.tensor(weights.scale, dtype=torch.float32, device=x.device)
 
     def forward():
-        return fused_lora(x, w, b, a, bb, rank=shape.r, scale=weights.scale, dropout_p=shape.dropout_p)
+        return fused_lora(x, w, b, a, bb, rank=rank, scale=scale, dropout_p=shape.dropout_p)
 
     return forward, [a, bb], [w, b], _sliced_grads(a, bb, shape.r)
 

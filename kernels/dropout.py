@@ -43,6 +43,19 @@ def keep_mask(seed, row_offset, rows, col_start, n_cols, threshold, BLOCK_COLS: 
     return words.to(tl.uint32, bitcast=True) >= threshold.to(tl.uint32)
 
 
+def mask_seed(seed, dropout_p: float, stand_in: torch.Tensor) -> torch.Tensor:
+    """The 0-d int64 device tensor the kernels read the mask's seed from (None: 0).
+
+    Without dropout the kernels never read it, and `stand_in` (any tensor on
+    the device) takes its place, so that such a call copies nothing to the device.
+    """
+    if dropout_p == 0.0:
+        return stand_in
+    if isinstance(seed, torch.Tensor) and seed.device == stand_in.device:
+        return seed if seed.ndim == 0 else seed.reshape(())
+    return torch.as_tensor(0 if seed is None else seed, dtype=torch.int64, device=stand_in.device)
+
+
 def mask_row_offset(row_offset, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
     """The 0-d int64 device tensor the kernels read the mask's first row from (None: 0).
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, limit_tile_per_thread, m_bucket, rank_block, weight_grad_configs
-from .dropout import drop_threshold, keep_mask, mask_row_offset
+from .dropout import drop_threshold, keep_mask, mask_row_offset, mask_seed
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import cdiv, grouped_tile
 
@@ -217,7 +217,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
     keep_scale = 1.0 / (1.0 - dropout_p)
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
-    seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
+    seed = mask_seed(seed, dropout_p, rank)
     row_offset = mask_row_offset(row_offset, dropout_p, seed)
 
     grad_s = None

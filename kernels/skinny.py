@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .configs import down_configs, limit_tile_per_thread, m_bucket, rank_block
-from .dropout import drop_threshold, keep_mask, mask_row_offset
+from .dropout import drop_threshold, keep_mask, mask_row_offset, mask_seed
 from .tiling import cdiv
 
 
@@ -105,7 +105,7 @@ def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0, row
     rank = device_scalar(rank, torch.int32, x.device)
     has_device_scale = scale is not None
     scale = device_scalar(scale, torch.float32, x.device) if has_device_scale else rank  # rank: a pointer never read
-    seed = device_scalar(0 if seed is None else seed, torch.int64, x.device)
+    seed = mask_seed(seed, dropout_p, rank)
     row_offset = mask_row_offset(row_offset, dropout_p, seed)
 
     def grid(meta):

@@ -1,4 +1,4 @@
-"""Host time per layer call (bench/host_overhead.py): the bench runs, and our layer costs no more than peft's LoRA.
+"""Host time per layer call (bench/host_overhead.py): the bench runs, our layer costs no more than peft's LoRA, and a call copies no Python number to the device.
 
 A ratio of timings taken in turns in this one process, on the PyTorch path,
 with one torch thread and the thread's CPU time: it holds on a loaded
@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
 from bench import host_overhead  # noqa: E402
+import hybrid_lora  # noqa: E402
+from hybrid_lora.ops import backend  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -47,3 +50,32 @@ def test_our_layer_costs_no_more_host_time_per_call_than_peft():
     # Rounds of the two layers run back to back: the ratio within a round cancels the machine's drift.
     ratio = statistics.median(ours / peft for ours, peft in zip(times["ours"], times["peft"]))
     assert ratio <= MAX_OVER_PEFT, f"LoRALinear takes {ratio:.2f}x peft's host time per fwd+bwd call"
+
+
+class _NewTensors(TorchDispatchMode):
+    """Counts tensors made from Python numbers (``torch.tensor(3)``): on CUDA each is a host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_layer_call_copies_no_number_to_the_device(path, dropout, monkeypatch):
+    """Rank, scale, seed and row offset reach the op as tensors already on the device."""
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
+    backend.refresh()
+    if backend.select_backend(torch.device("cpu")) != path:
+        pytest.skip(f"the {path} path cannot run here")
+    linear = torch.nn.Linear(16, 24)
+    layer = hybrid_lora.LoRALinear(linear.weight, linear.bias, r_max=8, alpha=8.0, dropout=dropout).train()
+    layer.set_rank(5)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    with _NewTensors() as made:
+        layer(x).sum().backward()
+    assert made.count == 0, f"{made.count} numbers became tensors in one forward and backward"

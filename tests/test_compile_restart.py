@@ -62,7 +62,7 @@ def test_a_lora_gpt2_compiles_once_per_graph_at_the_first_step(monkeypatch):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=8, vocab_size=16,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    layers = hybrid_lora.inject_lora(model, r_max=8, alpha=8.0, dropout=0.1)
+    hybrid_lora.inject_lora(model, r_max=8, alpha=8.0, dropout=0.1)
     counter = CompileCounterWithBackend("aot_eager")
     ids = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(1))
     torch.compile(model.train(), backend=counter, fullgraph=True)(input_ids=ids).logits.sum().backward()

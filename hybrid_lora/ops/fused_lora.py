@@ -301,10 +301,13 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
     device = x.device
-    if seed is None:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if dropout_p > 0.0 else 0
     rank = _device_scalar(rank, torch.int64, device)
-    scale = _device_scalar(scale, torch.float64, device)
+    # A float tensor of any dtype passes as it is (the layer's is fp32): a conversion is a launch per call.
+    scale = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64, device=device)
+    if seed is None:
+        # Without dropout nothing reads the seed: any 0-d integer device tensor will do, and the rank
+        # is one that costs no copy to the device.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=device) if dropout_p > 0.0 else rank
     seed = _device_scalar(seed, torch.int64, device)
     # Read only under dropout: without it nothing is copied to the device.
     row_offset = _device_scalar(row_offset, torch.int64, device) if dropout_p > 0.0 else None
