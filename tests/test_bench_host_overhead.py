@@ -1,4 +1,5 @@
-"""Host time per layer call (bench/host_overhead.py): the bench runs, our layer costs no more than peft's LoRA, and a call copies no Python number to the device.
+"""Host time per layer call (bench/host_overhead.py): the bench runs, our layer costs no more than
+peft's LoRA, and a call copies no Python number to the device.
 
 A ratio of timings taken in turns in this one process, on the PyTorch path,
 with one torch thread and the thread's CPU time: it holds on a loaded
