@@ -61,3 +61,25 @@ def fused_calls(monkeypatch):
 
     monkeypatch.setattr(peft_integration, "fused_lora", counting)
     return calls
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Every torch.empty during the test comes back full of NaN, so an unwritten element fails."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after: compile counts and recompiles are the test's own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

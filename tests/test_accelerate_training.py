@@ -23,14 +23,7 @@ transformers = pytest.importorskip("transformers")
 STEPS, BATCH, LENGTH = 20, 2, 12
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_dynamo")
 
 
 @pytest.fixture

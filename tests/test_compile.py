@@ -23,15 +23,10 @@ from hybrid_lora.nn.layer import lora_layers
 from hybrid_lora.ops.fused_lora import fused_lora_backward, fused_lora_forward
 from hybrid_lora.train import compiled, distributed, dynamic_rank, nonfinite
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 VOCAB, LENGTH, WIDTH, R = 16, 8, 32, 16
 RANKS = (16, 5, 9, 1, 16, 12)  # the first call at the full width, then others, the full width again among them
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture

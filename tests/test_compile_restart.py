@@ -18,12 +18,7 @@ import hybrid_lora
 from hybrid_lora import fused_lora
 from hybrid_lora.ops import backend
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def use_path(monkeypatch, path):
