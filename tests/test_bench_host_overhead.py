@@ -80,3 +80,19 @@ def test_a_layer_call_copies_no_number_to_the_device(path, dropout, monkeypatch)
     with _NewTensors() as made:
         layer(x).sum().backward()
     assert made.count == 0, f"{made.count} numbers became tensors in one forward and backward"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_an_accelerated_peft_layer_copies_no_number_to_the_device_after_its_first_call(dropout):
+    """The rank and the scale are made device tensors once, at the first call (and again only when they change)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 24)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0"]))
+    hybrid_lora.accelerate(model.train())
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    model(x).sum().backward()
+    with _NewTensors() as made:
+        model(x).sum().backward()
+    assert made.count == 0, f"{made.count} numbers became tensors in one forward and backward"

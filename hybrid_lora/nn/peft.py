@@ -42,7 +42,7 @@ from torch import nn
 
 from hybrid_lora.ops.fused_lora import _FLOAT_DTYPES, fused_lora  # the dtypes the op takes, and the op
 
-_CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero seed)}
+_CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero row offset)}
 _LISTED = 6  # layer names shown per reason in accelerate's message
 _LINEAR, _DROPOUTS = (nn.Linear,), (nn.Dropout, nn.Identity)
 
@@ -146,23 +146,23 @@ def unsupported(layer, x=None, *args, **kwargs):
 
 
 def _constants(layer, device, rank, scale):
-    """(rank, scale, zero seed) for the op: 0-d tensors on `device`, made once per value, or numbers in a graph."""
+    """(rank, scale, row offset 0) for the op: 0-d tensors on `device`, made once per value, or numbers in a graph."""
     if torch.compiler.is_compiling():
         return rank, scale, 0  # constants of the graph; a compiled graph copies nothing per call
     cache = layer.__dict__.setdefault(_CACHE, {})
     held = cache.get(device)
     if held is None or held[0] != rank or held[1] != scale:
         held = (rank, scale, torch.tensor(rank, dtype=torch.int64, device=device),
-                torch.tensor(scale, dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64,
-                                                                                     device=device))
+                torch.tensor(scale, dtype=torch.float64, device=device),
+                torch.zeros((), dtype=torch.int64, device=device))
         cache[device] = held
     return held[2:]
 
 
 def _fused_call(layer, x, weight, bias, lora_a, lora_b, dropout_p, rank, scale):
-    rank, scale, zero_seed = _constants(layer, x.device, rank, scale)
+    rank, scale, row_offset = _constants(layer, x.device, rank, scale)
     return fused_lora(x, weight, bias, lora_a, lora_b, rank=rank, scale=scale, dropout_p=dropout_p,
-                      seed=None if dropout_p > 0.0 else zero_seed)
+                      row_offset=row_offset)
 
 
 @functools.cache
