@@ -16,7 +16,12 @@ supported torch (2.11 and newer). What the compiled path relies on:
   the gradients, by host-side rank, with no host read either.
 - Static shapes (``dynamic=False``): a rank cut changes the adapters' shapes
   and compiles once per adapter width; a smaller last batch of an epoch
-  compiles once more. Nothing else recompiles. A cut makes new adapter
+  compiles once more; a stage's domain has one sequence length (the data
+  pads each domain to one length), so a new stage may compile once more.
+  Nothing else recompiles: ``graph_bound`` counts these graphs, and Dynamo's
+  recompile limit (8 by default) is raised to it. Past the limit, with
+  ``fullgraph=True``, Dynamo raises ``FailOnRecompileLimitHit``: a run never
+  falls back to eager silently. A cut makes new adapter
   Parameters (``LoRALayer.truncate_``): a module dict that changes is what
   makes every torch from 2.11 on check the tensors again, where shrinking
   ``.data`` in place let torch 2.11 replay the old width's graph.
@@ -39,7 +44,7 @@ COMPILE_BACKEND = "inductor"  # what torch.compile lowers to; "aot_eager" skips 
 COMPILE_MODE = None  # "reduce-overhead" adds CUDA graphs on a GPU
 
 
-def loss_function(config, parallel, backend=None, mode=None):
+def loss_function(config, parallel, stages=1, backend=None, mode=None):
     """(model, batch) -> (CE, tokens) of one micro-batch, as ``parallel.micro_batch_loss`` gives them.
 
     With config.compile in one process, the whole function runs under
@@ -55,10 +60,10 @@ def loss_function(config, parallel, backend=None, mode=None):
 
     if not config.compile or parallel.world > 1:
         return loss
-    return _compile(loss, backend, mode)
+    return _compile(loss, graph_bound(config, stages), backend, mode)
 
 
-def compiled_model(model, config, parallel, backend=None, mode=None):
+def compiled_model(model, config, parallel, stages=1, backend=None, mode=None):
     """The module DDP wraps under torchrun: `model`, or with config.compile `model` under torch.compile.
 
     DDP over the compiled model rather than torch.compile over DDP: DDP's
@@ -72,9 +77,17 @@ def compiled_model(model, config, parallel, backend=None, mode=None):
     """
     if not config.compile or parallel.world == 1:
         return model
-    return _compile(model, backend, mode)
+    return _compile(model, graph_bound(config, stages), backend, mode)
 
 
-def _compile(fn, backend, mode):
+def graph_bound(config, stages):
+    """The most graphs a compiled run of `stages` stages makes: per stage, one per adapter width (the rank
+    schedule cuts at most once per entry) for its sequence length, times two for a smaller last batch."""
+    return stages * (1 + len(config.rank_schedule)) * 2
+
+
+def _compile(fn, bound, backend, mode):
+    # Global, as Dynamo's settings are: the process trains.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, bound)
     return torch.compile(fn, backend=backend or COMPILE_BACKEND, mode=mode or COMPILE_MODE, fullgraph=True,
                          dynamic=False)
