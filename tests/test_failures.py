@@ -21,6 +21,21 @@ def cli(*argv, timeout=240):
                           env={**os.environ, **ENV}, timeout=timeout)
 
 
+def cli_in_process(monkeypatch, capsys, *argv):
+    """`cli` for cases that fail before training: ``main`` in this process (a subprocess costs seconds of imports)."""
+    from hybrid_lora.cli import main
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    try:
+        code = main(list(argv)) or 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["hybrid-lora", *argv], code, captured.out, captured.err)
+
+
 def user_error(done, command="train"):
     """The one error line of a run that failed on the user's input (exit 2, no traceback)."""
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
@@ -52,11 +67,15 @@ def assert_all_finite(folder):
     ("rows.csv", b"id,body\n1,hello\n2,world\n", "has columns ['id', 'body']; expected a 'text' column"),
     ("small.txt", b"one\ntwo\nthree\n", "has 3 non-empty texts; 8 eval + 16 train were asked for"),
 ])
-def test_a_bad_data_file_is_named_in_one_line_and_nothing_is_written(tmp_path, name, content, expected):
+def test_a_bad_data_file_is_named_in_one_line_and_nothing_is_written(tmp_path, name, content, expected,
+                                                                     monkeypatch, capsys):
     path = tmp_path / name
     path.write_bytes(content)
     out = tmp_path / "run"
-    line = user_error(cli("train", *TINY, "--domains", str(path), "embedded-b", "--out", str(out)))
+    argv = ("train", *TINY, "--domains", str(path), "embedded-b", "--out", str(out))
+    # The first case through the real entry point, the others through main() in this process.
+    done = cli(*argv) if name == "binary.txt" else cli_in_process(monkeypatch, capsys, *argv)
+    line = user_error(done)
     assert repr(str(path)) in line and expected in line
     assert not out.exists()  # the data is read before anything is written
 
