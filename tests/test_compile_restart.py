@@ -7,7 +7,8 @@ dropout probability) is not such a symbol: it is a constant of the trace.
 What does make one is a 0-d fp64 *CPU* tensor: Dynamo's fake tensors give
 every 0-d fp64 CPU tensor they see a float symbol for its value (in case
 ``.item()`` is called), and that symbol, unused, makes the restart; so the
-layer keeps its scale in fp32 (fp64 only for an fp64 adapter). The counting backend sees each trace Dynamo hands it, the restarted one too.
+layer keeps its scale in fp32 (fp64 only for an fp64 adapter). The counting
+backend sees each trace Dynamo hands it, the restarted one too.
 """
 
 import pytest

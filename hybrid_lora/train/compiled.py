@@ -53,6 +53,8 @@ def loss_function(config, parallel, stages=1, backend=None, mode=None):
     (``compiled_model``), and this function stays eager: its loss all-reduces
     the token count, and its model is DDP, whose own forward Dynamo does not
     trace with ``fullgraph=True`` (it calls DDP's logger and reducer).
+    stages: the stages trained so far in this process, this one included
+    (``graph_bound``).
     """
 
     def loss(model, batch):

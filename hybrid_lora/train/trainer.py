@@ -307,7 +307,8 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
                            reduce=parallel.sum if parallel.world > 1 else None)
     run = _Stage(layers, optimizer, state.sampler, snapshot, device, config, log, state.history, parallel, guard,
                  state.ewc, loss_function(config, parallel, stage + 1))
-    stepped = compiled_model(model, config, parallel, stage + 1)  # what DDP wraps: the model, compiled under torchrun
+    # What DDP wraps: the model, compiled under torchrun.
+    stepped = compiled_model(model, config, parallel, stage + 1)
     wrapped = parallel.wrap(stepped, device)
     eval_loader = _eval_loader(domain.eval, config)
     for epoch in range(state.epoch, config.epochs):
