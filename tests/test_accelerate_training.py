@@ -126,6 +126,7 @@ def test_hf_trainer_run_equals_plain_peft(option, plain_trainer_run, tmp_path, m
 
 @pytest.mark.slow
 def test_sft_trainer_run_equals_plain_peft(tmp_path, monkeypatch, fused_dropouts):
+    pytest.importorskip("datasets", reason="trl's SFTTrainer needs datasets (the GPU image has none)")
     pytest.importorskip("trl")
     monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
     want = train(sft_trainer, tmp_path / "plain", accelerated=False)
