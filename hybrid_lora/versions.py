@@ -62,10 +62,15 @@ def warn_if_untested():
         warnings.warn(message, UntestedVersionWarning, stacklevel=3)
 
 
-def source_revision(paths=()) -> str:
+# The package's code: what '-dirty' is about. Results written into the clone's results/ (as the
+# committed runs are) change tracked files too, and must not mark the run that writes them.
+PACKAGE_PATHS = ("hybrid_lora", "kernels", "pyproject.toml")
+
+
+def source_revision(paths=PACKAGE_PATHS) -> str:
     """Which code made a result: ``git describe --always`` of the clone the package runs from, with
-    '-dirty' when tracked files under `paths` (every tracked file when empty) have uncommitted changes;
-    'hybrid-lora <version>' when the package is not run from a git clone."""
+    '-dirty' when tracked files under `paths` have uncommitted changes; 'hybrid-lora <version>' when
+    the package is not run from a git clone."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args):
