@@ -243,23 +243,24 @@ def test_compiled_dylora_training_with_a_rank_cut_ends_with_the_eager_adapters(p
     assert len(real_graphs(counter)) == 2, f"{len(real_graphs(counter))} graphs for two adapter widths"
 
 
-def test_compiled_training_recompiles_up_to_its_bound_then_fails_instead_of_running_eager(monkeypatch):
+def test_compiled_training_recompiles_up_to_its_bound_then_fails_instead_of_running_eager():
     """Each new sequence length is a graph; past ``graph_bound`` Dynamo raises (fullgraph) rather than run eager."""
     from hybrid_lora.train.config import TrainConfig
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # below the bound: it must be raised to it
-    config = TrainConfig(r_max=R, alpha=8.0, rank_schedule=(), device="cpu", compile=True)
-    bound = compiled.graph_bound(config, stages=1)
-    assert bound == 2  # one width, and a smaller last batch
-    counter = CompileCounterWithBackend("aot_eager")
-    loss = compiled.loss_function(config, distributed.current(), backend=counter)
-    model = tiny_lora_model(lora_dropout=0.0)
-    ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(4))
-    for length in range(LENGTH, LENGTH - bound, -1):
-        batch = {"input_ids": ids[:, :length], "attention_mask": torch.ones_like(ids[:, :length]),
-                 "labels": ids[:, :length]}
-        loss(model, batch)[0].backward()
-    assert counter.frame_count == bound
-    batch = {"input_ids": ids[:, :2], "attention_mask": torch.ones_like(ids[:, :2]), "labels": ids[:, :2]}
-    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
-        loss(model, batch)
+    # Below the bound: loss_function must raise it. (monkeypatch would delete the setting on undo.)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        config = TrainConfig(r_max=R, alpha=8.0, rank_schedule=(), device="cpu", compile=True)
+        bound = compiled.graph_bound(config, stages=1)
+        assert bound == 2  # one width, and a smaller last batch
+        counter = CompileCounterWithBackend("aot_eager")
+        loss = compiled.loss_function(config, distributed.current(), backend=counter)
+        model = tiny_lora_model(lora_dropout=0.0)
+        ids = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(4))
+        for length in range(LENGTH, LENGTH - bound, -1):
+            batch = {"input_ids": ids[:, :length], "attention_mask": torch.ones_like(ids[:, :length]),
+                     "labels": ids[:, :length]}
+            loss(model, batch)[0].backward()
+        assert counter.frame_count == bound
+        batch = {"input_ids": ids[:, :2], "attention_mask": torch.ones_like(ids[:, :2]), "labels": ids[:, :2]}
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            loss(model, batch)

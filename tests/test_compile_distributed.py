@@ -96,7 +96,7 @@ def test_under_torchrun_the_model_is_compiled_inside_ddp_and_the_loss_stays_eage
     from hybrid_lora.train.compiled import compiled_model, loss_function
 
     model = torch.nn.Linear(2, 2)
-    on, off = SimpleNamespace(compile=True), SimpleNamespace(compile=False)
+    on, off = SimpleNamespace(compile=True, rank_schedule=()), SimpleNamespace(compile=False, rank_schedule=())
     one, two = SimpleNamespace(world=1), SimpleNamespace(world=2)
     assert compiled_model(model, on, one) is model and compiled_model(model, off, two) is model
     inside_ddp = compiled_model(model, on, two)
