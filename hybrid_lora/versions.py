@@ -1,7 +1,9 @@
 """The torch and Triton releases the package is tested with, and the warning given at import outside them.
 
-The ranges are those of ``pyproject.toml``'s dependencies, which ``.ci/run``
-tests at both ends. Another release may work; nothing has checked it.
+``.ci/run`` tests both ends of each range. ``pyproject.toml`` states only the
+lower ends: a newer release installs, with one warning at import, instead of a
+resolver downgrading (or refusing) the torch a user already has. Another
+release may work; nothing has checked it.
 """
 
 import importlib.metadata
@@ -11,7 +13,7 @@ import warnings
 from pathlib import Path
 
 # [lowest, first untested) release of each, as (major, minor)
-TESTED = {"torch": ((2, 11), (2, 15)), "triton": ((3, 6), (3, 10))}
+TESTED = {"torch": ((2, 11), (2, 16)), "triton": ((3, 6), (3, 10))}
 
 
 class UntestedVersionWarning(UserWarning):
@@ -29,6 +31,12 @@ def release(version: str) -> tuple:
 def range_text(name: str) -> str:
     (lo_major, lo_minor), (hi_major, hi_minor) = TESTED[name]
     return f">={lo_major}.{lo_minor},<{hi_major}.{hi_minor}"
+
+
+def lower_bound(name: str) -> str:
+    """The requirement ``pyproject.toml`` states for `name`: the tested range's lower end, e.g. '>=2.11'."""
+    major, minor = TESTED[name][0]
+    return f">={major}.{minor}"
 
 
 def untested(versions: dict) -> list:
