@@ -145,6 +145,18 @@ class AdapterBank:
                 layer.lora_a[slot].zero_()
                 layer.lora_b[slot].zero_()
 
+    def request_rank(self, name, rank=None):
+        """The rank a request for adapter `name` at `rank` runs at (None: the adapter's width), checked."""
+        if name not in self._adapters:
+            raise BadValue(f"AdapterBank.route: unknown adapter {name!r}; loaded: {sorted(self._adapters)}")
+        width = self._adapters[name][1]
+        rank = width if rank is None else rank
+        try:
+            check_rank(rank, width, f"AdapterBank.route: adapter {name!r}")
+        except ValueError as err:
+            raise BadValue(str(err)) from None
+        return rank
+
     def _resolve(self, adapters, ranks):
         """(slots, ranks) of a route as lists, each entry checked: one line naming a bad one."""
         if isinstance(adapters, (str, bytes)) or not hasattr(adapters, "__len__"):
@@ -161,15 +173,8 @@ class AdapterBank:
                 slots.append(-1)
                 row_ranks.append(0)
                 continue
-            if name not in self._adapters:
-                raise BadValue(f"AdapterBank.route: unknown adapter {name!r}; loaded: {sorted(self._adapters)}")
-            slot, width = self._adapters[name]
-            rank = width if rank is None else rank
-            try:
-                check_rank(rank, width, f"AdapterBank.route: adapter {name!r}")
-            except ValueError as err:
-                raise BadValue(str(err)) from None
-            slots.append(slot)
+            rank = self.request_rank(name, rank)
+            slots.append(self._adapters[name][0])
             row_ranks.append(rank)
         return slots, row_ranks
 
