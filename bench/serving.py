@@ -6,14 +6,17 @@ N = 2304, Conv1D layout) and at a K = 4096 projection (N = 4096, nn.Linear's
 layout), bf16. Prefill runs every request's prompt (``prefill_len`` tokens
 each); decode one token per request. Providers:
 
-| provider | what it is |
-|---|---|
-| `ours` | ``hybrid_lora.ops.multi_lora``: rows grouped by adapter, each group's work following its ranks |
-| `peft-mixed` | peft's ``adapter_names`` mixed batch: one peft adapter per (adapter, rank) pair in the batch (peft runs an adapter at its one rank), one sub-batch and one matmul pair each, in Python |
-| `padded-bmm` | every request's adapter padded to r_max, gathered per request, in one batched matmul pair (the punica/vLLM design; our own code) |
-| `single-rmax` | ``fused_lora`` with one adapter at r_max for every row: what the single-adapter op costs |
-| `merged` | ``addmm(b, x, W)``: one adapter merged into W, the floor |
-| `ours-native-r8` | ``ours`` with adapters stored 8 wide (mix `all-8` only): what a rank-8 request costs without a nested r_max 64 |
+- `ours`: ``hybrid_lora.ops.multi_lora``, rows grouped by adapter, each
+  group's work following its ranks;
+- `peft-mixed`: peft's ``adapter_names`` mixed batch, one peft adapter per
+  (adapter, rank) pair of the batch (a peft adapter has one rank), one
+  sub-batch and one matmul pair each, in Python;
+- `padded-bmm`: every request's adapter padded to r_max, gathered per request,
+  in one batched matmul pair (the punica/vLLM design; our own code);
+- `single-rmax`: ``fused_lora`` with one adapter at r_max for every row;
+- `merged`: ``addmm(b, x, W)``, one adapter merged into W: the floor;
+- `ours-native-r8`: ``ours`` with adapters stored 8 wide (mix `all-8` only),
+  what a rank-8 request costs without a nested r_max 64 adapter.
 
 Before timing, ``ours`` is checked against ``padded-bmm`` (the same function)
 and the largest difference recorded. Rows go to ``<device>-<date>-serving.csv``,

@@ -54,7 +54,8 @@ def test_generate_writes_one_completion_per_prompt_with_its_adapter_rank_and_rat
 
 @pytest.mark.parametrize("prompts, fragment", [
     ([{"prompt": "a", "adapter": "nope"}], "p.jsonl:1: unknown adapter 'nope'"),
-    ([{"prompt": "a"}, {"prompt": "b", "adapter": "ours", "rank": 9}], "p.jsonl:2: adapter 'ours': rank 9 is outside [1, 8]"),
+    ([{"prompt": "a"}, {"prompt": "b", "adapter": "ours", "rank": 9}],
+     "p.jsonl:2: adapter 'ours': rank 9 is outside [1, 8]"),
     ([{"prompt": "a", "rank": 2}], "p.jsonl:1: rank 2 for a prompt of no adapter"),
     ([{"text": "a"}], "p.jsonl:1:"),
 ])

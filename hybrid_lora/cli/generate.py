@@ -16,7 +16,7 @@ import json
 import time
 
 from hybrid_lora.cli.options import add_runtime, check_backend, chosen_backend, check_model, parse_device, positive_int
-from hybrid_lora.errors import BadValue
+from hybrid_lora.errors import BadValue, MissingFile
 
 
 def add_parser(commands):
@@ -55,8 +55,6 @@ def read_prompts(path):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        from hybrid_lora.errors import MissingFile
-
         raise MissingFile(f"prompts file {str(path)!r} does not exist") from None
     requests = []
     for number, line in enumerate(lines, 1):
@@ -65,7 +63,8 @@ def read_prompts(path):
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise BadValue(f"{path}:{number}: not JSON ({err}); expected {{\"prompt\", \"adapter\", \"rank\"}}") from None
+            raise BadValue(f"{path}:{number}: not JSON ({err}); expected "
+                           '{"prompt": ..., "adapter": ..., "rank": ...}') from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
             raise BadValue(f"{path}:{number}: {line[:80]!r}; expected an object with a non-empty \"prompt\"")
         adapter, rank = item.get("adapter"), item.get("rank")

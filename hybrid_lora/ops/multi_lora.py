@@ -17,6 +17,8 @@ following its own ranks) or on the PyTorch path (below). The reference is
 ``multi_lora_reference``.
 """
 
+from typing import Optional
+
 import torch
 
 from hybrid_lora.ops.backend import chosen_backend
@@ -27,7 +29,7 @@ _INT_DTYPES = frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torc
 
 
 @torch.library.custom_op("hybrid_lora::multi_lora_forward", mutates_args=())
-def multi_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+def multi_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                        lora_b: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
                        use_kernels: bool) -> torch.Tensor:
     """Y [M, N] = x W + b + the LoRA term of each row's adapter at its rank; x: [M, K].
