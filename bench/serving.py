@@ -20,7 +20,8 @@ each); decode one token per request. Providers:
 
 Before timing, ``ours`` is checked against ``padded-bmm`` (the same function)
 and the largest difference recorded. Rows go to ``<device>-<date>-serving.csv``,
-the table to the ``.md`` beside it.
+the table to the ``.md`` beside it; rows of ``ours`` that disagree are
+marked ``wrong`` and the command exits 1.
 
     python -m bench.serving --out-dir bench/results             # on a GPU
     python -m bench.serving --device cpu --tiny --out-dir /tmp/bench
@@ -184,6 +185,9 @@ def peft_mixed(layer, x, slots, ranks):
     return run
 
 
+# Largest |ours - padded-bmm| allowed, relative to the output's size: fp32 accumulation, inputs rounded to the dtype.
+AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
 BUILDERS = {"ours": ours, "peft-mixed": peft_mixed, "padded-bmm": padded_bmm, "single-rmax": single_rmax,
             "merged": merged, "ours-native-r8": ours}
 
@@ -200,13 +204,14 @@ def run(config: ServingConfig, device, log=print) -> list:
             for mix, ranks_of_mix in config.mixes.items():
                 slots, ranks = requests(config, ranks_of_mix)
                 with torch.no_grad():
-                    max_diff = float((ours(layer, x, slots, ranks)().float()
-                                      - padded_bmm(layer, x, slots, ranks)().float()).abs().max())
+                    want = padded_bmm(layer, x, slots, ranks)().float()
+                    max_diff = float((ours(layer, x, slots, ranks)().float().reshape(want.shape) - want).abs().max())
+                agrees = max_diff <= AGREEMENT[dtype] * max(1.0, float(want.abs().max()))
                 base_ms = None
                 for provider in PROVIDERS:
                     if provider == "ours-native-r8" and (native is None or set(ranks_of_mix) != {8}):
                         continue
-                    status, timing = "ok", None
+                    status, timing = "ok" if agrees or provider != "ours" else "wrong", None
                     try:
                         with torch.no_grad():
                             fn = BUILDERS[provider](native if provider == "ours-native-r8" else layer, x, slots,
@@ -214,6 +219,8 @@ def run(config: ServingConfig, device, log=print) -> list:
                             timing = time_fn(fn, device, rounds=config.rounds, rep_ms=config.rep_ms)
                     except ImportError as err:
                         status = f"skipped: {err.name or err} not installed"
+                    except torch.OutOfMemoryError:
+                        status = "skipped: out of memory"
                     if provider == "merged" and timing is not None:
                         base_ms = timing.median_ms
                     rows.append({
@@ -287,7 +294,11 @@ def main(argv=None):
     write_csv(out / f"{name}.csv", rows, COLUMNS)
     write_text(out / f"{name}.md", table(rows))
     print(f"wrote {name}.csv and {name}.md in {out}")
-    return 0
+    wrong = [row for row in rows if row["status"] == "wrong"]
+    for row in wrong:
+        print(f"WRONG: ours differs from padded-bmm by {row['max_diff']} at {row['shape']} {row['phase']} "
+              f"{row['mix']}", file=sys.stderr)
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

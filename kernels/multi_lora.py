@@ -109,10 +109,11 @@ def expand_configs():
 
 
 @triton.jit
-def _tile_rows(order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr, BLOCK_M: tl.constexpr):
+def _tile_rows(order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr, R, BLOCK_M: tl.constexpr):
     """(sorted positions, token rows, row mask, slot, per-row ranks, the tile's largest rank) of this program's tile.
 
     A tile without an adapter gets ranks 0 whatever was asked: no work, no memory touched by the add.
+    Ranks are clamped to R: a rank past the width would read the next slot's adapter.
     """
     tile = tl.program_id(0)
     slot = tl.load(tile_slot_ptr + tile)
@@ -122,7 +123,7 @@ def _tile_rows(order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr,
     in_tile = positions < end
     rows = tl.load(order_ptr + positions, mask=in_tile, other=0).to(tl.int64)
     ranks = tl.load(rank_ptr + rows, mask=in_tile, other=0).to(tl.int32)
-    ranks = tl.where(slot >= 0, ranks, 0)
+    ranks = tl.minimum(tl.where(slot >= 0, ranks, 0), R)
     return positions, rows, in_tile, tl.maximum(slot, 0).to(tl.int64), ranks, tl.max(ranks, axis=0)
 
 
@@ -145,7 +146,7 @@ def _segment_shrink_kernel(
     Grid: (T tiles, cdiv(R, BLOCK_R)).
     """
     positions, rows, in_tile, slot, ranks, tile_rank = _tile_rows(
-        order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr, BLOCK_M)
+        order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr, R, BLOCK_M)
     pid_r = tl.program_id(1)
     cols_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     # A rank block past every rank of the tile only writes its zeros.
@@ -171,7 +172,7 @@ def _segment_expand_add_kernel(
     # pointers
     s_ptr, b_ptr, y_ptr, rank_ptr, scale_ptr, order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr,
     # sizes (M_BUCKET: the autotune key's m_bucket(M), not read)
-    N, M_BUCKET,
+    N, R, M_BUCKET,
     # strides
     stride_sm, stride_sr, stride_bs, stride_br, stride_bn, stride_ym, stride_yn,
     # meta-parameters
@@ -186,7 +187,7 @@ def _segment_expand_add_kernel(
     go on the shared B tile). Grid: (T tiles, cdiv(N, BLOCK_N)).
     """
     positions, rows, in_tile, slot, ranks, tile_rank = _tile_rows(
-        order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr, BLOCK_M)
+        order_ptr, tile_slot_ptr, tile_begin_ptr, tile_end_ptr, rank_ptr, R, BLOCK_M)
     row_ok = in_tile & (ranks > 0)  # the ranks of a tile of no adapter are 0
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -244,7 +245,7 @@ def multi_lora_add_(y, x, lora_a, lora_b, slot_of_row, ranks, scales):
 
     _segment_expand_add_kernel[grid](
         s_down, lora_b, y, ranks, scales, order, tile_slot, tile_begin, tile_end,
-        N, m_bucket(M),
+        N, R, m_bucket(M),
         s_down.stride(0), s_down.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R), BLOCK_M=block_m,

@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
 from bench import serving  # noqa: E402
+from bench.record import read_csv  # noqa: E402
 
 CONFIG = serving.tiny_config()
 
@@ -39,3 +40,21 @@ def test_run_writes_a_row_per_provider_mix_phase_and_shape_and_a_table(tmp_path)
         assert row["M"] == CONFIG.batch * (CONFIG.prefill_len if row["phase"] == "prefill" else 1)
     text = serving.table(rows)
     assert "**CPU timings**" in text and "n/a: CPU timing" in text and "nested / native" in text
+
+
+def test_a_wrong_mixed_batch_is_marked_and_fails_the_command(tmp_path, monkeypatch):
+    real = serving.ours
+
+    def off_by_a_tenth(*args):
+        run = real(*args)
+        return lambda: run() * 1.1
+
+    monkeypatch.setattr(serving, "ours", off_by_a_tenth)
+    monkeypatch.setattr(serving, "tiny_config", lambda: serving.ServingConfig(
+        shapes=(("tiny", 16, 32, "in_out"),), batch=4, adapters=3, r_max=8, prefill_len=2, mixes={"all-8": (8,)},
+        dtype="fp32", rounds=1))
+    assert serving.main(["--device", "cpu", "--tiny", "--out-dir", str(tmp_path)]) == 1
+    (csv_path,) = tmp_path.glob("*-serving.csv")
+    statuses = {(row["provider"], row["status"]) for row in read_csv(csv_path)}
+    assert ("ours", "wrong") in statuses and ("ours-native-r8", "wrong") not in statuses
+    assert ("padded-bmm", "ok") in statuses

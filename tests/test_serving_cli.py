@@ -1,7 +1,6 @@
 """``hybrid-lora generate``: prompts at their own adapter and rank, in batches, into a completions file."""
 
 import json
-import sys
 
 import pytest
 import torch

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from serving_helpers import (ADAPTERS, TARGETS, adapter_paths, bank_for, base, make_adapters,  # noqa: F401
-                             merged_alone)
+from serving_helpers import ADAPTERS, adapter_paths, bank_for, base, merged_alone  # noqa: F401 (fixtures)
 
 # (adapter, rank, prompt length): three lengths, so the batch is left-padded
 REQUESTS = [("ours", 3, 4), (None, None, 6), ("peft_rs", 2, 3), ("ours", None, 5), ("fixed", 5, 6)]

@@ -16,7 +16,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from hybrid_lora.errors import BadValue, MissingFile
 
