@@ -9,8 +9,9 @@ from hybrid_lora.nn.layer import (LoRAConv1D, LoRALayer, LoRALinear, inject_lora
 from hybrid_lora.nn.peft import accelerate, restore  # noqa: E402
 from hybrid_lora.ops import reference  # noqa: E402
 from hybrid_lora.ops.fused_lora import fused_lora  # noqa: E402
+from hybrid_lora.serve import AdapterBank  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["fused_lora", "LoRALayer", "LoRAConv1D", "LoRALinear", "inject_lora", "lora_layers", "set_rank",
-           "accelerate", "restore", "reference", "__version__"]
+           "accelerate", "restore", "reference", "AdapterBank", "__version__"]

@@ -23,6 +23,7 @@ import sys
 from hybrid_lora.cli.compare import run_study
 from hybrid_lora.cli.evaluate import run_eval
 from hybrid_lora.cli.export import run_export
+from hybrid_lora.cli.generate import run_generate
 from hybrid_lora.cli.parser import build_parser
 from hybrid_lora.cli.train import run_train
 from hybrid_lora.errors import UserError
@@ -58,6 +59,8 @@ def _command(parser, args):
             distributed.teardown()
     if args.command == "eval":
         return run_eval(parser, args)
+    if args.command == "generate":
+        return run_generate(parser, args)
     return run_export(parser, args)
 
 

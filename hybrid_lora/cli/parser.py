@@ -1,7 +1,8 @@
-"""The parser of ``hybrid-lora``: its four verbs and their flags."""
+"""The parser of ``hybrid-lora``: its verbs and their flags."""
 
 import argparse
 
+from hybrid_lora.cli.generate import add_parser as add_generate
 from hybrid_lora.cli.options import add_data, add_runtime, add_training, default, positive_int
 from hybrid_lora.experiments.study import PLANS
 from hybrid_lora.train.config import VARIANTS
@@ -54,7 +55,8 @@ def build_parser():
                         help="folder for a checkpoint of the base model with W + delta_W")
     export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     export.add_argument("--device", default="cpu", help="device to merge on (default: %(default)s)")
-    for sub in (train, compare, evaluate, export):
+    generate = add_generate(commands)
+    for sub in (train, compare, evaluate, export, generate):
         sub.add_argument("--debug", action="store_true", help="show the traceback of an error")
         sub.set_defaults(parser=sub)
     return parser
