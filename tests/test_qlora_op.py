@@ -142,3 +142,27 @@ def test_wrong_input_width_is_refused():
     x, b, lora_a, lora_b = make_inputs(2, 40, 32, 16, torch.float32)
     with pytest.raises(ValueError, match=r"x has shape \(2, 40\)"):
         fused_lora_4bit(x, quant, b, lora_a, lora_b, rank=4, scale=1.0)
+
+
+def test_compiled_fullgraph_serves_every_rank(fresh_dynamo):
+    from torch._dynamo.testing import CompileCounter
+
+    quant = quantized_weight(24, 32, "nf4", True)
+    x, b, lora_a, lora_b = make_inputs(5, 32, 24, 16, torch.float32)
+    rank, scale, seed = torch.tensor(4), torch.tensor(0.5), torch.tensor(3)
+
+    def layer(x, lora_a, lora_b):
+        return fused_lora_4bit(x, quant, b, lora_a, lora_b, rank=rank, scale=scale, dropout_p=0.1, seed=seed)
+
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    for r in (4, 7, 16):
+        rank.fill_(r)
+        got = compiled(x, lora_a, lora_b)
+        got_grads = torch.autograd.grad(got.sum(), (x, lora_a, lora_b))
+        want = layer(x, lora_a, lora_b)
+        want_grads = torch.autograd.grad(want.sum(), (x, lora_a, lora_b))
+        torch.testing.assert_close(got, want)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w)
+    assert counter.frame_count == 1
