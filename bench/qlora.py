@@ -266,9 +266,38 @@ def step_rows(config, device, providers=PROVIDERS, dropout_p=0.05):
     return rows
 
 
+def check(config, device, M=None):
+    """Refuse to time a wrong kernel: fused-4bit's output and gradients at the first shape (M rows, default one
+    more than the largest M timed, so a partial row tile; dropout 0)
+    against the fp32 reference over bitsandbytes' dequantized weight, at the compute dtype's tolerance."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from hybrid_lora.ops import reference
+
+    K, N = config.shapes[0]
+    M = M or max(config.rows) + 1
+    layer = make_layer("fused-4bit", K, N, config, 0.0, device)
+    x = torch.randn(M, K, device=device, dtype=config.dtype, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, (x, layer.lora_a, layer.lora_b), grad))
+    weight = dequantize_4bit(layer.base.weight.data, layer.base.weight.quant_state).to(config.dtype).float().t()
+    args = [t.detach().float() for t in (x, weight, layer.base.bias.to(config.dtype), layer.lora_a, layer.lora_b)]
+    want_y, _ = reference.lora_forward(*args, config.rank, layer.scale)
+    want = (want_y, *reference.lora_backward(grad.float(), args[0], args[1], args[3], args[4], config.rank,
+                                             layer.scale))
+    tol = 2e-2 if config.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    for name, g, w in zip(("y", "dX", "dA", "dB"), got, want):
+        err, size = (g.float() - w).abs().max().item(), w.abs().max().item()
+        if not err <= tol * max(1.0, size):
+            raise AssertionError(f"bench.qlora: fused-4bit {name} differs from the reference by {err:.3e} "
+                                 f"(max |ref| {size:.3e}); nothing timed")
+
+
 def run(config, device):
-    """Every row of both benchmarks, stamped with the device, commit and date."""
+    """Every row of both benchmarks, stamped with the device, commit and date (after ``check``)."""
     with (torch.autocast(device.type, enabled=False) if device.type == "cuda" else contextlib.nullcontext()):
+        check(config, device)
         rows = layer_rows(config, device) + step_rows(config, device)
     stamped = stamp(device)
     return [{column: "" for column in COLUMNS} | stamped | {k: ("" if v is None else v) for k, v in row.items()}

@@ -46,3 +46,12 @@ def test_tiny_run_writes_both_tables(tmp_path, torch_path):
     assert "fused vs peft" in text and "training step" in text
     rows = out.read_text().splitlines()
     assert len(rows) == 1 + 3 * 3 + 3  # header, three modes of three providers, three training steps
+
+
+def test_a_wrong_kernel_stops_the_benchmark(monkeypatch, torch_path):
+    real = qlora.QLoRALayer.forward
+    monkeypatch.setattr(qlora.QLoRALayer, "forward", lambda self, x: real(self, x) * 1.01)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        qlora.check(qlora.tiny_config(), torch.device("cpu"))
+    monkeypatch.setattr(qlora.QLoRALayer, "forward", real)
+    qlora.check(qlora.tiny_config(), torch.device("cpu"))

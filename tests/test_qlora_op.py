@@ -166,3 +166,10 @@ def test_compiled_fullgraph_serves_every_rank(fresh_dynamo):
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w)
     assert counter.frame_count == 1
+
+
+def test_bf16_compute_on_the_pytorch_path(monkeypatch):
+    """bf16 (the interpreter has no bf16 arithmetic: the kernels' bf16 runs are GPU tests)."""
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+    backend.refresh()
+    run_and_compare(9, 40, 24, 16, 11, torch.bfloat16, "nf4", True, 64, dropout_p=0.1)

@@ -125,3 +125,14 @@ def test_trainer_run_equals_plain_peft_qlora(llama_folder, tmp_path, monkeypatch
     assert list(got[1]) == list(want[1]) and len(want[1]) == 2 * len(TARGETS)
     for name, adapter in want[1].items():
         assert_close_relative(got[1][name], adapter, rel=1e-4)
+
+
+def test_8bit_layers_keep_peft_forward_and_are_named(llama_folder):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(llama_folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 device_map="cpu", dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=r"1 of 1 peft LoRA layers run peft's forward \(a Linear8bitLt layer"):
+        hybrid_lora.accelerate(model)
+    assert not peft_integration.accelerated_layers(model)
