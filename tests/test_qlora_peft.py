@@ -103,36 +103,38 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer_run(folder, tmp_path, accelerated):
+def trainer_run(folder, tmp_path, accelerated, **extra):
     model = qlora_model(folder)
     if accelerated:
         hybrid_lora.accelerate(model)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-2,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        **extra)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return losses, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_trainer_run_equals_plain_peft_qlora(llama_folder, tmp_path, monkeypatch, fused_4bit_dropouts):
+@pytest.fixture(scope="module")
+def plain_qlora_run(llama_folder, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HYBRID_LORA_BACKEND", "torch")
+    try:
+        return trainer_run(llama_folder, tmp_path_factory.mktemp("plain"), accelerated=False)
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True}], ids=["eager", "gradient checkpointing"])
+def test_trainer_run_equals_plain_peft_qlora(llama_folder, plain_qlora_run, extra, tmp_path, monkeypatch,
+                                             fused_4bit_dropouts):
     monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")  # 20 steps: the interpreter would take minutes
-    want = trainer_run(llama_folder, tmp_path / "plain", accelerated=False)
-    got = trainer_run(llama_folder, tmp_path / "fused", accelerated=True)
+    want = plain_qlora_run
+    got = trainer_run(llama_folder, tmp_path, accelerated=True, **extra)
     assert set(fused_4bit_dropouts) == {0.0}
     assert len(got[0]) == STEPS and got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-6)
     assert list(got[1]) == list(want[1]) and len(want[1]) == 2 * len(TARGETS)
     for name, adapter in want[1].items():
         assert_close_relative(got[1][name], adapter, rel=1e-4)
-
-
-def test_8bit_layers_keep_peft_forward_and_are_named(llama_folder):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    model = AutoModelForCausalLM.from_pretrained(llama_folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                 device_map="cpu", dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    with pytest.warns(UserWarning, match=r"1 of 1 peft LoRA layers run peft's forward \(a Linear8bitLt layer"):
-        hybrid_lora.accelerate(model)
-    assert not peft_integration.accelerated_layers(model)
