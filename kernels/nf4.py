@@ -11,6 +11,9 @@ indices into a 256-entry code with one absmax2 per 256 of them plus an offset:
 
 ``dequant_tile`` decodes the elements at any tile of flat indices, so a GEMM
 reads W's 4-bit codes in its reduction loop and never writes a full-size W.
+Where a tile's stretch of every weight row lies inside one block (rows whose
+length K is a multiple of BLOCKSIZE, tiles no wider than a block), the GEMMs
+load one scale per row (``block_scale``) instead of one per element.
 The 16-entry codebook and the 256-entry nested code are gathers from global
 memory: both stay in L1 for the whole launch.
 """
@@ -23,6 +26,27 @@ from .tiling import cdiv
 
 
 @triton.jit
+def decode_codes(idx, mask, packed_ptr, code_ptr):
+    """fp32 codebook values of the elements at the flat indices `idx` (int64 tile); 0 where `mask` is False."""
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    # Element 2i is the high nibble of byte i, element 2i + 1 the low one.
+    nibble = (byte >> ((1 - (idx % 2)) * 4).to(tl.int32)) & 0xF
+    return tl.load(code_ptr + nibble, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def block_scale(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, NESTED: tl.constexpr):
+    """fp32 absmax of the blocks `block` (int64, any shape); 0 where `mask` is False."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        # Two roundings, as bitsandbytes: the product, then the sum with the offset.
+        scaled = tl.load(code2_ptr + q, mask=mask, other=0.0).to(tl.float32) \
+            * tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0).to(tl.float32)
+        return scaled + tl.load(offset_ptr).to(tl.float32)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def dequant_tile(idx, mask, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
     """fp32 values of the weight elements at the flat indices `idx` (int64 tile); 0 where `mask` is False.
@@ -30,20 +54,8 @@ def dequant_tile(idx, mask, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2
     BLOCKSIZE is constexpr on purpose: bitsandbytes offers eight block sizes,
     and a constant power of two turns the block index into a shift.
     """
-    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-    # Element 2i is the high nibble of byte i, element 2i + 1 the low one.
-    nibble = (byte >> ((1 - (idx % 2)) * 4).to(tl.int32)) & 0xF
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0).to(tl.float32)
-    block = idx // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        # Two roundings, as bitsandbytes: the product, then the sum with the offset.
-        scaled = tl.load(code2_ptr + q, mask=mask, other=0.0).to(tl.float32) \
-            * tl.load(absmax2_ptr + block // 256, mask=mask, other=0.0).to(tl.float32)
-        absmax = scaled + tl.load(offset_ptr).to(tl.float32)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    return value * absmax
+    return decode_codes(idx, mask, packed_ptr, code_ptr) \
+        * block_scale(idx // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, NESTED)
 
 
 def quant_args(quant):

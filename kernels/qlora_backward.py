@@ -15,7 +15,7 @@ import triton.language as tl
 from .configs import gemm_configs, limit_tile_per_thread, m_bucket, rank_block
 from .dropout import drop_threshold, keep_mask, mask_row_offset, mask_seed
 from .lora_backward import _weight_grad
-from .nf4 import dequant_tile, quant_args
+from .nf4 import block_scale, decode_codes, dequant_tile, quant_args
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import cdiv, grouped_tile
 
@@ -33,7 +33,7 @@ def _qlora_grad_x_kernel(
     # strides
     stride_dym, stride_dyn, stride_dsm, stride_dsr, stride_ak, stride_ar, stride_dxm, stride_dxk,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROWS_IN_BLOCKS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -41,8 +41,9 @@ def _qlora_grad_x_kernel(
 
     dY: [M, N], W: the 4-bit [N, K] weight (element (n, k) at flat index
     n * K + k), dS: [M, R], A: [K, R], dX: [M, K]; rank, seed and row offset
-    are 0-d device tensors. The output tile is BLOCK_M x BLOCK_N over (M, K);
-    BLOCK_K tiles the reduction over N. Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
+    are 0-d device tensors; ROWS_IN_BLOCKS: K is a multiple of BLOCKSIZE. The output tile is
+    BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
     """
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -73,8 +74,17 @@ def _qlora_grad_x_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         # int64: N * K passes 2**31 for the widest layers of large models.
-        w = dequant_tile(ns.to(tl.int64)[:, None] * K + ks[None, :], n_ok[:, None] & k_ok[None, :],
-                         packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE, NESTED)
+        row_start = ns.to(tl.int64) * K
+        idx = row_start[:, None] + ks[None, :]
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        if ROWS_IN_BLOCKS and BLOCKSIZE % BLOCK_N == 0:
+            # This program's columns of row n lie in block (n K + pid_k BLOCK_N) / BLOCKSIZE: one scale per row.
+            scale_n = block_scale((row_start + pid_k * BLOCK_N) // BLOCKSIZE, n_ok, absmax_ptr, absmax2_ptr,
+                                  code2_ptr, offset_ptr, NESTED)
+            w = decode_codes(idx, w_ok, packed_ptr, code_ptr) * scale_n[:, None]
+        else:
+            w = dequant_tile(idx, w_ok, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             BLOCKSIZE, NESTED)
         acc = tl.dot(dy, w.to(dy.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
@@ -115,7 +125,7 @@ def qlora_backward(grad_y, x, s_down, quant, lora_a, lora_b, rank, scale, dropou
             M, N, K, m_bucket(M), drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), grad_s.stride(0), grad_s.stride(1),
             lora_a.stride(0), lora_a.stride(1), grad_x.stride(0), grad_x.stride(1),
-            BLOCKSIZE=quant.blocksize, NESTED=quant.nested,
+            BLOCKSIZE=quant.blocksize, NESTED=quant.nested, ROWS_IN_BLOCKS=K % quant.blocksize == 0,
             HAS_DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
         )
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, m_bucket, rank_block
-from .nf4 import dequant_tile, quant_args
+from .nf4 import block_scale, decode_codes, dequant_tile, quant_args
 from .skinny import device_scalar, dot_precision, skinny_product
 from .tiling import cdiv, grouped_tile
 
@@ -37,7 +37,7 @@ def _qlora_forward_kernel(
     # strides
     stride_xm, stride_xk, stride_sm, stride_sr, stride_br, stride_bn, stride_ym, stride_yn,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROWS_IN_BLOCKS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -45,7 +45,8 @@ def _qlora_forward_kernel(
 
     X: [M, K], W: the 4-bit [N, K] weight (element (n, k) at flat index
     n * K + k), bias: [N], S: [M, R] (unscaled), B: [R, N], Y: [M, N];
-    rank and scale: 0-d device tensors. Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
+    rank and scale: 0-d device tensors. ROWS_IN_BLOCKS: K is a multiple of BLOCKSIZE (no block spans
+    two rows of W). Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),).
     """
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -62,8 +63,16 @@ def _qlora_forward_kernel(
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = dequant_tile(col_start[None, :] + ks[:, None], k_ok[:, None] & col_ok[None, :],
-                         packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE, NESTED)
+        idx = col_start[None, :] + ks[:, None]
+        w_ok = k_ok[:, None] & col_ok[None, :]
+        if ROWS_IN_BLOCKS and BLOCKSIZE % BLOCK_K == 0:
+            # k0 .. k0 + BLOCK_K of row n lie in block (n K + k0) / BLOCKSIZE: one scale per row of W.
+            scale_n = block_scale((col_start + k0) // BLOCKSIZE, col_ok, absmax_ptr, absmax2_ptr, code2_ptr,
+                                  offset_ptr, NESTED)
+            w = decode_codes(idx, w_ok, packed_ptr, code_ptr) * scale_n[None, :]
+        else:
+            w = dequant_tile(idx, w_ok, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                             BLOCKSIZE, NESTED)
         # Rounded once to X's dtype, as bitsandbytes' dequantize_4bit rounds to the compute dtype.
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
 
@@ -111,7 +120,7 @@ def qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), s_down.stride(0), s_down.stride(1), lora_b.stride(0), lora_b.stride(1),
         y.stride(0), y.stride(1),
-        BLOCKSIZE=quant.blocksize, NESTED=quant.nested,
+        BLOCKSIZE=quant.blocksize, NESTED=quant.nested, ROWS_IN_BLOCKS=K % quant.blocksize == 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
     )
     return y, s_down

@@ -57,6 +57,8 @@ CASES = [  # M, K, N, R, rank, quant_type, nested, blocksize
     (17, 40, 72, 24, 19, "fp4", True, 128),    # nothing a multiple of a block; rank not a power of two
     (5, 33, 21, 8, 1, "nf4", True, 32),        # an odd element count (the last byte half used); rank 1
     (20, 24, 40, 80, 70, "fp4", False, 64),    # rank above 64: two rank chunks
+    (13, 64, 40, 16, 9, "nf4", True, 32),      # K a multiple of the blocksize: one scale per row of a tile
+    (3, 128, 24, 8, 8, "fp4", False, 64),      # the same, plain absmax, two blocks per row
 ]
 
 

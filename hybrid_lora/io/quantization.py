@@ -1,4 +1,4 @@
-"""Loading a base model in 4 bits (bitsandbytes NF4/FP4, QLoRA): the settings, and one line when bitsandbytes is missing.
+"""Loading a base model in 4 bits (bitsandbytes NF4/FP4, QLoRA): the settings; one line when bitsandbytes is missing.
 
 ``load_causal_lm(..., quantization=Quantization(...))`` passes transformers a
 ``BitsAndBytesConfig(load_in_4bit=True, ...)``: every linear layer of the base
