@@ -31,6 +31,7 @@ _TRITON_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 
 
 def _quant(packed, code, absmax, absmax2, code2, offset, blocksize, out_features, in_features):
+    # The kernels never read the quant type: the codebook tensor is the type.
     return Quant4bit(packed=packed, shape=(out_features, in_features), quant_type="", blocksize=blocksize,
                      code=code, absmax=absmax, absmax2=absmax2, code2=code2, offset=offset)
 
@@ -139,6 +140,8 @@ def check_quant(quant, device=None):
         tensor = getattr(quant, name)
         if device is not None and tensor is not None and tensor.device != device:
             raise _error(f"{name} is on", tensor.device, f"x's device {device}")
+        if tensor is not None and not tensor.is_contiguous():  # the kernels index them as flat arrays
+            raise _error(f"{name} has strides", tuple(tensor.stride()), "a contiguous tensor")
 
 
 def fused_lora_4bit(x, quant, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, seed=None, row_offset=0):
