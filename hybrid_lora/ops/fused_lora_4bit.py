@@ -103,6 +103,30 @@ def _backward(ctx, grad_y, grad_s):
 fused_lora_4bit_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerKernels(torch.autograd.Function):
+    """Eager calls: the launchers behind a plain autograd.Function (the custom op is what a traced call records;
+    called eagerly its dispatch costs about as much host time as the launches, as for ``fused_lora``)."""
+
+    @staticmethod
+    def forward(ctx, x, quant, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset):
+        from hybrid_lora.kernels.qlora_forward import qlora_forward
+
+        y, s_down = qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
+        ctx.save_for_backward(x, s_down, lora_a, lora_b, rank, scale, seed, row_offset)
+        ctx.quant, ctx.dropout_p = quant, dropout_p  # frozen tensors, not outputs or inputs needing grad
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from hybrid_lora.kernels.qlora_backward import qlora_backward
+
+        x, s_down, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = qlora_backward(grad_y, x, s_down, ctx.quant, lora_a, lora_b, rank, scale,
+                                                ctx.dropout_p, seed, needs[0], needs[3], needs[4], row_offset)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+
+
 def _error(what, got, expected):
     return ValueError(f"fused_lora_4bit: {what} {got}; expected {expected}")
 
@@ -192,9 +216,11 @@ def fused_lora_4bit(x, quant, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.
         if backend == "torch":
             weight = dequantize(quant, x.dtype)  # [N, K]
             y = _torch_path(x2d, weight.t(), bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
-        else:
+        elif torch.compiler.is_compiling():  # a constant to Dynamo: a traced call records the custom op
             q = quant
             y = fused_lora_4bit_forward(x2d, q.packed, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize,
                                         out_features, bias, lora_a, lora_b, rank, scale, seed, dropout_p,
                                         row_offset)[0]
+        else:
+            y = _EagerKernels.apply(x2d, quant, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
     return y if flat else y.reshape(x.shape[:-1] + (out_features,))
