@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from hybrid_lora.errors import BadValue, Unavailable
+from hybrid_lora.ops.nf4_reference import QUANT_TYPES
 
-QUANT_TYPES = ("nf4", "fp4")
 QLORA_EXTRA = 'pip install -e ".[qlora]"'
 
 

@@ -22,14 +22,11 @@ without it no module can be a ``Linear4bit``.
 import sys
 
 import torch
-from torch import nn
 
 from hybrid_lora.nn.layer import LoRALayer
 from hybrid_lora.nn.scaling import DEFAULT_RULE
 from hybrid_lora.ops.fused_lora_4bit import fused_lora_4bit
 from hybrid_lora.ops.nf4_reference import Quant4bit, dequantize
-
-QLORA_EXTRA = 'pip install -e ".[qlora]"'
 
 
 def bnb_modules():
