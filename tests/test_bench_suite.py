@@ -2,6 +2,7 @@
 the dry run of what it does on a GPU, runs every step, and its files say what they hold."""
 
 import csv
+import importlib.util
 import math
 import os
 import subprocess
@@ -38,11 +39,16 @@ def tiny_run(tmp_path_factory):
     return result, {bench: [row for row in rows if row["bench"] == bench] for bench in suite.STEPS}
 
 
+def _qlora_importable():
+    return all(importlib.util.find_spec(name) is not None for name in ("bitsandbytes", "peft"))
+
+
 def test_gpu_check_records_every_step_and_writes_no_absolute_path(tiny_run):
     result, _ = tiny_run
     steps = {row["step"]: row["status"] for row in read_csv(result["out"] / "gpu_check.csv")}
+    qlora = "ok" if _qlora_importable() else "skipped: bitsandbytes or peft is not installed (pip install -e '.[qlora]')"
     assert steps == {"precompile": "skipped: needs CUDA", "tests": "skipped: needs CUDA", "suite": "ok",
-                     "host_overhead": "ok", "compile_counts": "ok", "report": "ok", "serving": "ok"}
+                     "host_overhead": "ok", "compile_counts": "ok", "qlora": qlora, "report": "ok", "serving": "ok"}
     assert [row["provider"] for row in read_csv(result["out"] / "host-overhead.csv")] == ["plain", "peft", "ours"]
     suite_steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}
     # compile_counts runs as a step of gpu_check's own, under its own time limit
@@ -159,7 +165,7 @@ def test_gpu_check_dry_run_lists_its_steps():
     out = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--dry-run"], capture_output=True, text=True,
                          check=True).stdout
     steps = out.splitlines()
-    assert len(steps) == 7
+    assert len(steps) == 8
     assert "bench.suite --precompile-only" in steps[0]  # the compile cache first: the tests autotune
     assert "tests/test_bench_gpu.py" in steps[1]
     assert "-m bench.suite" in steps[2] and "--skip precompile compile_counts report" in steps[2]
@@ -167,6 +173,7 @@ def test_gpu_check_dry_run_lists_its_steps():
     assert "-m bench.compile_counts" in steps[4] and "compile-counts.csv" in steps[4]
     assert "-m bench.report" in steps[5]
     assert "-m bench.serving" in steps[6]
+    assert "-m bench.qlora" in steps[7] and "qlora.csv" in steps[7]
 
 
 def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_path, monkeypatch):
@@ -186,7 +193,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_pa
 def test_gpu_check_records_a_step_out_of_time_and_exits_nonzero(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "SUITE_LIMIT": "1"}
     run = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--device", "cpu", "--tiny", "--out-dir", str(tmp_path),
-                          "--skip", "compile_counts", "serving"], capture_output=True, text=True, env=env, timeout=300)
+                          "--skip", "compile_counts", "serving", "qlora"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 1
     with open(tmp_path / "gpu_check.csv", newline="") as f:
         steps = {row["step"]: row for row in csv.DictReader(f)}

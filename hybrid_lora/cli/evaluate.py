@@ -1,8 +1,8 @@
 """``hybrid-lora eval``: a saved adapter at a rank, or over a sweep of ranks, on any domains."""
 
 
-from hybrid_lora.cli.options import (check_backend, check_domains, check_model, check_rank, chosen_backend,
-                                     parse_device)
+from hybrid_lora.cli.options import (check_backend, check_domains, check_model, check_quantization, check_rank,
+                                     chosen_backend, parse_device)
 from hybrid_lora.io.atomic import write_json
 
 
@@ -13,9 +13,19 @@ def load_adapter_model(parser, args):
     _, metadata = read_adapter(args.adapter)
     model_name = args.model or metadata["base_model"]
     check_model(parser, model_name)
-    model, tokenizer = load_model_and_tokenizer(model_name, device="cpu")
+    model, tokenizer = load_model_and_tokenizer(model_name, device="cpu" if not getattr(args, "load_in_4bit", False) else args.device,
+                                                quantization=_quantization(args))
     attach_adapter(model, args.adapter, dropout=0.0)
     return model, tokenizer, metadata, model_name
+
+
+def _quantization(args):
+    """The 4-bit loading of --load-in-4bit (decoded to fp32), or None (and for export, which has no such flag)."""
+    if not getattr(args, "load_in_4bit", False):
+        return None
+    from hybrid_lora.io.quantization import Quantization
+
+    return Quantization(args.bnb_4bit_quant_type, args.bnb_4bit_double_quant)
 
 
 def run_eval(parser, args):
@@ -28,6 +38,7 @@ def run_eval(parser, args):
     device = parse_device(parser, args.device)
     check_domains(parser, args.domains)
     check_backend(parser, args.backend, device)
+    check_quantization(parser, args)
     model, tokenizer, metadata, _ = load_adapter_model(parser, args)
     r_max = metadata["r_max"]
     if args.sweep is not None:

@@ -147,6 +147,40 @@ def add_training(parser, variant_flag):
                              "training examples)")
 
 
+def add_quantization(parser):
+    """QLoRA: the base's linear layers loaded in 4 bits with bitsandbytes (``hybrid_lora.io.quantization``)."""
+    group = parser.add_argument_group("4-bit base (QLoRA; needs the extra qlora)")
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help="load the base model's linear layers in 4 bits (bitsandbytes); the adapters stay fp32 "
+                            "and are the same files as over a 16-bit base")
+    group.add_argument("--bnb-4bit-quant-type", choices=("nf4", "fp4"), default="nf4",
+                       help="with --load-in-4bit: the 4-bit codebook (%(default)s)")
+    group.add_argument("--bnb-4bit-double-quant", action="store_true",
+                       help="with --load-in-4bit: quantize the block scales to 8 bits too (about 0.4 bit less per "
+                            "weight)")
+
+
+def check_quantization(parser, args):
+    """The 4-bit flags given together, and bitsandbytes importable, as usage errors naming the flag."""
+    if not args.load_in_4bit:
+        if args.bnb_4bit_quant_type != "nf4" or args.bnb_4bit_double_quant:
+            parser.error("--bnb-4bit-quant-type and --bnb-4bit-double-quant need --load-in-4bit")
+        return
+    from hybrid_lora.io.quantization import require_bitsandbytes
+
+    try:
+        require_bitsandbytes()
+    except UserError as err:
+        parser.error(str(err))
+
+
+def quantization_overrides(args):
+    """The TrainConfig fields of the 4-bit flags."""
+    if not args.load_in_4bit:
+        return {}
+    return {"load_in_4bit": args.bnb_4bit_quant_type, "bnb_4bit_double_quant": args.bnb_4bit_double_quant}
+
+
 @contextlib.contextmanager
 def chosen_backend(name, device):
     """Set HYBRID_LORA_BACKEND (and the Triton interpreter for Triton on a CPU) for the command, then restore."""

@@ -3,7 +3,7 @@
 import argparse
 
 from hybrid_lora.cli.generate import add_parser as add_generate
-from hybrid_lora.cli.options import add_data, add_runtime, add_training, default, positive_int
+from hybrid_lora.cli.options import add_data, add_quantization, add_runtime, add_training, default, positive_int
 from hybrid_lora.experiments.study import PLANS
 from hybrid_lora.train.config import VARIANTS
 
@@ -16,6 +16,7 @@ def build_parser():
     add_training(train, variant_flag=True)
     add_data(train)
     add_runtime(train)
+    add_quantization(train)
 
     compare = commands.add_parser("compare", help="several variants over several seeds; mean ± std table")
     compare.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["lora_only", "dc_only", "hybrid"],
@@ -33,6 +34,7 @@ def build_parser():
     add_training(compare, variant_flag=False)
     add_data(compare)
     add_runtime(compare)
+    add_quantization(compare)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved adapter at a rank, or over a sweep of ranks")
     evaluate.add_argument("adapter", help="an adapter file written by train (adapters/*.safetensors)")
@@ -45,6 +47,7 @@ def build_parser():
     evaluate.add_argument("--out", default=None, help="also write the results to this JSON file")
     add_data(evaluate, train=False)
     add_runtime(evaluate)
+    add_quantization(evaluate)
 
     export = commands.add_parser("export", help="write an adapter at a rank in peft's format and/or merged weights")
     export.add_argument("adapter", help="an adapter file written by train (adapters/*.safetensors)")

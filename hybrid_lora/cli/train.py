@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from hybrid_lora.cli.compare import compare_on_gpus
-from hybrid_lora.cli.options import check_backend, check_domains, check_model, chosen_backend, parse_device
+from hybrid_lora.cli.options import (check_backend, check_domains, check_model, check_quantization, chosen_backend,
+                                     parse_device, quantization_overrides)
 from hybrid_lora.cli.runs import run_folder, write_summary
 from hybrid_lora.experiments.run import (DataSpec, RunSpec, is_finished, prepare_domains, run, say,
                                          train_config)
@@ -37,6 +38,7 @@ def _overrides(args):
             overrides[flag] = tuple(value) if flag == "rank_schedule" else value
     if args.sweep_ranks is not None:
         overrides["sweep_ranks"] = tuple(args.sweep_ranks)
+    overrides.update(quantization_overrides(args))  # --load-in-4bit
     return overrides
 
 
@@ -147,6 +149,7 @@ def run_train(parser, args, variants, by_variant):
     check_model(parser, args.model)
     check_domains(parser, args.domains)
     check_backend(parser, args.backend, device)
+    check_quantization(parser, args)
     specs = _specs(parser, args, variants)
     if getattr(args, "gpus", None) is not None:
         return compare_on_gpus(parser, args, specs)

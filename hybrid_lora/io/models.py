@@ -77,22 +77,28 @@ def load_tokenizer(name_or_path=EMBEDDED_MODEL):
     return tokenizer
 
 
-def load_model_and_tokenizer(name_or_path=EMBEDDED_MODEL, device=None, dtype=torch.float32):
+def load_model_and_tokenizer(name_or_path=EMBEDDED_MODEL, device=None, dtype=torch.float32, quantization=None):
     """(causal LM in `dtype` on `device`, its tokenizer), both from `name_or_path`; see ``load_causal_lm``."""
-    model = load_causal_lm(name_or_path, dtype=dtype)
+    model = load_causal_lm(name_or_path, dtype=dtype, quantization=quantization, device=device)
     tokenizer = load_tokenizer(name_or_path)
     return model.to(pick_device(device)), tokenizer
 
 
-def load_causal_lm(name_or_path=EMBEDDED_MODEL, dtype=torch.float32):
+def load_causal_lm(name_or_path=EMBEDDED_MODEL, dtype=torch.float32, quantization=None, device="cpu"):
     """``AutoModelForCausalLM`` from `name_or_path` (see ``resolve_model``), on the CPU.
 
     A model whose config names no pad token gets EOS as its pad token, as its tokenizer does.
+    With `quantization` (``quantization.Quantization``) the linear layers load in 4 bits, onto `device`.
     """
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantization is not None:  # QLoRA: hybrid_lora/io/quantization.py
+        from hybrid_lora.io.quantization import from_pretrained_kwargs
+
+        extra = from_pretrained_kwargs(quantization, pick_device(device))
     try:
-        model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
+        model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, **extra)
     except ValueError as err:  # a config of no causal-LM architecture
         if isinstance(err, BadValue):
             raise

@@ -308,6 +308,11 @@ def _layer_class(module):
     """The LoRA class that replaces `module`, or None when it is of no supported kind."""
     from transformers.pytorch_utils import Conv1D
 
+    from hybrid_lora.nn.quantized import quantized_layer_class  # bitsandbytes' 4-bit Linear (a subclass of nn.Linear)
+
+    quantized = quantized_layer_class(module)
+    if quantized is not None:
+        return quantized
     if isinstance(module, Conv1D):
         return LoRAConv1D
     if isinstance(module, nn.Linear):

@@ -192,7 +192,7 @@ def __getattr__(name):
 
 def _is_patched(module):
     cls = type(module)
-    return cls.__module__ == __name__ and cls.__qualname__ == "_FusedLinear"
+    return (cls.__module__ == __name__ and cls.__qualname__ == "_FusedLinear") or peft_4bit.is_patched(module)
 
 
 def _summary(left, total):
@@ -204,6 +204,9 @@ def _summary(left, total):
         shown = ", ".join(names[:_LISTED]) + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
         parts.append(f"{reason}: {shown}")
     return f"{len(left)} of {total} peft LoRA layers run peft's forward ({'; '.join(parts)})"
+
+
+from hybrid_lora.nn import peft_4bit  # noqa: E402  (it imports this module's helpers)
 
 
 def accelerate(model, strict=False):
@@ -222,7 +225,13 @@ def accelerate(model, strict=False):
         raise ValueError(f"hybrid_lora.accelerate: {type(model).__name__} holds no peft LoRA layer; expected a "
                          "model from peft.get_peft_model or peft.inject_adapter_in_model")
     patch, left = [], {}
+    patch_4bit = []
     for name, module in layers:
+        if peft_4bit.is_peft_4bit(module):  # peft's QLoRA layers: hybrid_lora/nn/peft_4bit.py
+            patch_4bit.append(module)
+            if peft_4bit.unsupported(module) is not None:
+                left[name] = peft_4bit.unsupported(module)
+            continue
         if type(module) is not lora.Linear and not _is_patched(module):
             left[name] = f"a {type(module).__name__} layer"
         elif "forward" in module.__dict__:
@@ -243,6 +252,8 @@ def accelerate(model, strict=False):
         warnings.warn(message, stacklevel=2)
     for module in patch:
         module.__class__ = _fused_class()
+    for module in patch_4bit:
+        module.__class__ = peft_4bit.fused_class()
     return model
 
 

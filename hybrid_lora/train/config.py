@@ -63,6 +63,9 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: "float32" (none), "bfloat16", or "auto": bfloat16 on CUDA, else float32
     compile: bool = False  # the model's forward and backward under torch.compile (see ``compiled``)
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    # QLoRA. None (not False, not ""): a run recorded before these fields existed has the same settings.
+    load_in_4bit: str = None  # "nf4" or "fp4": the base's linear layers in 4 bits (bitsandbytes); None: 16/32 bits
+    bnb_4bit_double_quant: bool = None  # with load_in_4bit, True or False: the block scales quantized to 8 bits too
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)
@@ -107,6 +110,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.on_nonfinite={self.on_nonfinite!r}; expected one of {POLICIES}")
         if self.dtype != "auto" and self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r}; expected one of {('auto', *AUTOCAST_DTYPES)}")
+        if self.load_in_4bit not in (None, "nf4", "fp4"):
+            raise ValueError(f"TrainConfig.load_in_4bit={self.load_in_4bit!r}; expected None, 'nf4' or 'fp4'")
+        if self.bnb_4bit_double_quant not in ((None,) if self.load_in_4bit is None else (True, False)):
+            raise ValueError(f"TrainConfig.bnb_4bit_double_quant={self.bnb_4bit_double_quant!r}; expected "
+                             f"{'None without load_in_4bit' if self.load_in_4bit is None else 'True or False'}")
         check_rank_schedule(self.rank_schedule, self.r_max, self.epochs)
         for rank in self.sweep_ranks or ():
             check_rank(rank, self.r_max, f"TrainConfig.sweep_ranks={self.sweep_ranks}")
@@ -158,16 +166,26 @@ def load_model(config):
     keeps fp32 (LayerNorms, embeddings and the residual stream need the range).
     """
     device = pick_device(config.device or None)
-    model = load_causal_lm(config.model_name)
+    model = load_causal_lm(config.model_name, quantization=_quantization(config, device), device=device)
     torch.manual_seed(config.seed)
     layers = inject_lora(model, _target_modules(config.target_modules), r_max=config.r_max, alpha=config.alpha,
                          dropout=config.lora_dropout, scale_rule=config.scale_rule)
-    if device.type == "cuda" and resolved_dtype(config, device) == "bfloat16":
+    if device.type == "cuda" and resolved_dtype(config, device) == "bfloat16" and config.load_in_4bit is None:
         for layer in layers:
             layer.weight.data = layer.weight.data.to(torch.bfloat16)
             if layer.bias is not None:
                 layer.bias.data = layer.bias.data.to(torch.bfloat16)
     return model.to(device)
+
+
+def _quantization(config, device):
+    """The 4-bit loading of config.load_in_4bit (QLoRA), decoded to the autocast dtype; None for a 16/32-bit base."""
+    if config.load_in_4bit is None:
+        return None
+    from hybrid_lora.io.quantization import Quantization
+
+    compute = AUTOCAST_DTYPES[resolved_dtype(config, device)] or torch.float32
+    return Quantization(config.load_in_4bit, config.bnb_4bit_double_quant, compute)
 
 
 def _target_modules(targets):
