@@ -8,7 +8,8 @@ the output, s S B, is well inside it.
 
 import pytest
 import torch
-from test_fused_lora import assert_close, reference_outputs
+from helpers import assert_close
+from test_fused_lora import reference_outputs
 
 from hybrid_lora import fused_lora
 

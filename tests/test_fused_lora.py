@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOLERANCES
+from helpers import assert_close
 
 from hybrid_lora import fused_lora
 from hybrid_lora.kernels.dropout import dropout_keep_mask
@@ -29,17 +29,6 @@ def reference_outputs(x, weight, bias, lora_a, lora_b, rank, scale, grad_y, keep
     y, _ = reference.lora_forward(*d, rank, scale, keep, p)
     grads = reference.lora_backward(grad_y.double().cpu(), d[0], d[1], d[3], d[4], rank, scale, keep, p)
     return (y, *grads)
-
-
-def assert_close(name, got, want, dtype):
-    tol = TOLERANCES[dtype]
-    got = got.detach().double().cpu()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (an element the kernel never wrote?)"
-    # Scale the tolerance by the size of the values: outputs sum over K or N products.
-    err = (got - want).abs().max().item()
-    bound = tol["atol"] * max(1.0, want.abs().max().item()) + tol["rtol"] * want.abs().max().item()
-    assert err <= bound, f"{name}: max |diff| {err:.3e} > {bound:.3e}"
 
 
 def run_and_compare(M, K, N, R, rank, dtype, device, dropout_p=0.0, bias=True, adapter_dtype=torch.float32,
