@@ -42,14 +42,14 @@ def _fused_forward_kernel(
     M, N, K, M_BUCKET,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
-    stride_br, stride_bn, stride_ym, stride_yn,
+    stride_br, stride_bn, stride_ym, stride_yn, stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y = X W + bias + S (scale B[:rank, :]).
 
-    X: [M, K], W: [K, N], bias: [N], S: [M, R] (unscaled), B: [R, N], Y: [M, N];
+    X: [M, K], W: [K, N], bias: [N], S: [M, R] (unscaled), B: [R, N], Y: [M, N], each with any strides;
     rank and scale: 0-d device tensors (integer, float), 1 <= rank <= R.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
     so that neighbouring programs share W tiles in L2.
@@ -87,7 +87,7 @@ def _fused_forward_kernel(
         acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -96,7 +96,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
     """Launch the fused forward. Inputs are already validated by the caller.
 
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
-    lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
+    lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile); every tensor with any strides.
     rank, scale, seed: 0-d device tensors (integer, fp32, int64) or numbers;
     row_offset: the dropout mask's first row (see ``dropout``), a 0-d int64
     device tensor, a number or None (0).
@@ -122,7 +122,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
         x, weight, bias if bias is not None else y, s_down, lora_b, y, rank, scale,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
     return y, s_down
