@@ -14,7 +14,8 @@ import importlib
 
 import pytest
 import torch
-from test_bench_gpu import assert_normwise_close, gpt2_inputs, reference_gradients, run_fused
+from helpers import assert_normwise_close
+from test_bench_gpu import gpt2_inputs, reference_gradients, run_fused
 
 from hybrid_lora.ops import backend
 
