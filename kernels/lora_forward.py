@@ -92,7 +92,7 @@ def _fused_forward_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None):
+def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None, snapshot=False):
     """Launch the fused forward. Inputs are already validated by the caller.
 
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
@@ -101,19 +101,32 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
     row_offset: the dropout mask's first row (see ``dropout``), a 0-d int64
     device tensor, a number or None (0).
     Returns (Y [M, N], S [M, R]), both in x's dtype: S[:, :rank] = D(X) A[:, :rank]
-    (unscaled) and S[:, rank:] = 0.
+    (unscaled) and S[:, rank:] = 0; with `snapshot`, (Y, S, (rank, scale,
+    row_offset)): 0-d copies (int32, fp32, int64; row offset 0 without dropout)
+    of the values the kernels read, written by the first launch at no launch of
+    their own, for a backward that must not see later writes to the originals.
     """
     M, K = x.shape
     N = weight.shape[1]
     R = lora_a.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y, torch.empty((0, R), dtype=x.dtype, device=x.device)
-    block_r = rank_block(R)
-    precision = dot_precision(x.dtype)
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
-    s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset)
+    snaps = None
+    if snapshot:
+        snaps = (torch.empty((), dtype=torch.int32, device=x.device),
+                 torch.empty((), dtype=torch.float32, device=x.device),
+                 torch.empty((), dtype=torch.int64, device=x.device))
+    if M == 0:
+        s_down = torch.empty((0, R), dtype=x.dtype, device=x.device)
+        if snapshot:  # no launch writes them; an empty batch's backward reads none of them
+            for snap in snaps:
+                snap.zero_()
+        return (y, s_down, snaps) if snapshot else (y, s_down)
+    block_r = rank_block(R)
+    precision = dot_precision(x.dtype)
+    s_down = skinny_product(x, lora_a, rank, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset,
+                            snapshot=(scale, *snaps) if snapshot else None)
 
     def gemm_grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
@@ -125,4 +138,4 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
-    return y, s_down
+    return (y, s_down, snaps) if snapshot else (y, s_down)

@@ -86,8 +86,11 @@ def op_inputs(rank, dtype, requires_grad):
 def test_opcheck_forward_and_backward(rank, dropout_p, dtype):
     x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t = op_inputs(rank, dtype, requires_grad=True)
     torch.library.opcheck(fused_lora_forward, (x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p))
-    y, s_down = fused_lora_forward(x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p)
+    y, s_down, *copies = fused_lora_forward(x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p)
     assert (s_down[:, rank:] == 0).all()  # the columns past the rank, as the backward reads them
+    # The forward's copies of what it read, for its backward (the row offset: None is 0).
+    assert [c.item() for c in copies] == [rank, pytest.approx(scale_t.item()), 0]
+    assert [c.dtype for c in copies] == [torch.int32, torch.float32, torch.int64]
     grad_y = torch.randn_like(y)
     args = (grad_y, x.detach(), s_down, weight, lora_a.detach(), lora_b.detach(), rank_t, scale_t, seed_t, dropout_p)
     for needs in ((True, True, True), (False, True, True)):
