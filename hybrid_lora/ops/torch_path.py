@@ -39,8 +39,8 @@ import torch
 
 from hybrid_lora.ops import reference
 
-_NO_DOUBLE_BACKWARD = ("fused_lora: double backward (create_graph=True through the op, as a gradient penalty "
-                       "does) is not supported; differentiate its gradients with torch.func or outside the op")
+_NO_DOUBLE_BACKWARD = ("fused_lora: double backward (a backward with create_graph=True through the op, as a "
+                       "gradient penalty takes) is not supported")
 
 
 def refuse_double_backward():
