@@ -83,19 +83,20 @@ def test_double_backward_raises_one_clear_line(path, monkeypatch):
     assert x.grad is not None and torch.isfinite(layer.lora_a.grad).all()
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("path", ["triton", "torch"])
-def test_compiled_summed_losses_of_two_ranks_in_one_graph(path, monkeypatch, fresh_dynamo):
+def test_compiled_summed_losses_of_two_ranks_in_one_graph(path, dropout, monkeypatch, fresh_dynamo):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
     x, targets = inputs()
-    layer = make_layer(0.3)
+    layer = make_layer(dropout)
     x_sep = x.clone().requires_grad_()
     for step, (rank, target) in enumerate(zip(RANKS, targets)):
         loss_at(layer, x_sep, target, rank, step).backward()
     want = gradients(layer, x_sep)
 
-    layer = make_layer(0.3)
+    layer = make_layer(dropout)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, backend=counter, fullgraph=True)
     x_sum = x.clone().requires_grad_()

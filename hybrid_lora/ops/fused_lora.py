@@ -314,6 +314,8 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     x2d = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "torch":
         op = TorchPath.apply
+        if dropout_p == 0.0:  # the seed is then the rank tensor, and Dynamo cannot trace an autograd.Function
+            seed = None       # given one tensor twice; without dropout the path never reads it
     else:  # a constant to Dynamo: a traced call records the custom op
         op = _traced_kernels if torch.compiler.is_compiling() else _EagerKernels.apply
     if autocast:
