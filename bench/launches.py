@@ -181,7 +181,8 @@ def capture(M, K, N, rank, dtype=torch.bfloat16, dropout_p=0.0, r_max=64, adapte
     with _recording(launches, context):
         layout = "" if weight_layout == "in_out" else " W=[N,K]^T"
         context[0] = f"forward dropout={dropout_p}{layout}"
-        lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed)
+        # snapshot: what a training forward (one with a backward to come) launches
+        lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, snapshot=True)
         context[0] = f"backward dropout={dropout_p}{layout}"
         lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropout_p, seed)
         context[0] = "dropout_keep_mask"

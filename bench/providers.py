@@ -201,9 +201,9 @@ def traffic(provider: str, shape: LayerShape, mode: str) -> list:
     elif provider in FUSED:
         fwd = [("S = D(X) A", ("X", "A"), ("S",)),
                ("Y = [X|S] [W;sB] + b", ("X", "W", "S", "B", "b"), ("Y",))]
-        bwd = [("dS = s dY B^T", ("dY", "B"), ("dS",)),
-               ("dX = dY W^T + D(dS A^T)", ("dY", "W", "dS", "A"), ("dX",)),
-               ("dA = D(X)^T dS", ("X", "dS"), ("dA",)),
+        bwd = [("dS = dY B^T", ("dY", "B"), ("dS",)),
+               ("dX = dY W^T + s D(dS A^T)", ("dY", "W", "dS", "A"), ("dX",)),
+               ("dA = s D(X)^T dS", ("X", "dS"), ("dA",)),
                ("dB = s S^T dY", ("dY", "S"), ("dB",))]
     elif provider == "addmm":
         fwd = ([("dropout mask", (), ("mask",)), ("X * mask", ("X", "mask"), ("Xd",))] if drop else []) + [

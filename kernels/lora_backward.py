@@ -2,11 +2,16 @@
 
 With S = D(X) A_r saved by the forward (unscaled), Y = X W + b + s S B_r and
 upstream gradient dY:
-    dS = s dY B_r^T                      [M, R]   ``skinny.skinny_product``
-    dX = dY W^T + D^T(dS A_r^T)          [M, K]   ``_fused_grad_x_kernel``
-    dA_r = D(X)^T dS                     [K, R]   ``_lora_grad_weight_kernel``
+    dS = dY B_r^T                        [M, R]   ``skinny.skinny_product``
+    dX = dY W^T + s D^T(dS A_r^T)        [M, K]   ``_fused_grad_x_kernel``
+    dA_r = s D(X)^T dS                   [K, R]   ``_lora_grad_weight_kernel``
     dB_r = s S^T dY                      [R, N]   ``_lora_grad_weight_kernel``
-(dS is the gradient with respect to the unscaled product D(X) A_r).
+(s dS is the gradient with respect to the unscaled product D(X) A_r).
+dS is stored unscaled, in X's dtype, and s multiplies the fp32 accumulators
+that consume it, as the forward keeps S unscaled: with fp16 X, a scale of 32,
+upstream gradients of 150 and B entries of a few units, s dY B^T leaves
+fp16's range (65,504) while dX and dA, the results, are well inside their
+dtypes (tests/test_fp16_range.py).
 S and dS are stored [M, R] with zeros in the columns past the active rank
 (read, like the scale and the seed, from 0-d device tensors), so dA and dB
 come out [K, R] and [R, N] with zeros past the rank, as autograd gives for the
@@ -33,7 +38,7 @@ from .tiling import cdiv, grouped_tile
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _fused_grad_x_kernel(
     # pointers
-    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, rank_ptr, seed_ptr, row_offset_ptr,
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, rank_ptr, scale_ptr, seed_ptr, row_offset_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, N, K, M_BUCKET, threshold, keep_scale,
     # strides
@@ -43,10 +48,10 @@ def _fused_grad_x_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dX = dY W^T + D^T(dS A[:, :rank]^T).
+    """dX = dY W^T + scale * D^T(dS A[:, :rank]^T).
 
-    dY: [M, N], W: [K, N], dS: [M, R], A: [K, R], dX: [M, K]; rank, seed and
-    row offset are 0-d device tensors. The output
+    dY: [M, N], W: [K, N], dS: [M, R] (unscaled), A: [K, R], dX: [M, K]; rank,
+    scale, seed and row offset are 0-d device tensors. The output
     tile is BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),), grouped by GROUP_M row tiles.
     """
@@ -70,11 +75,16 @@ def _fused_grad_x_kernel(
         a_t = tl.load(a_ptr + ks[None, :] * stride_ak + ranks[:, None] * stride_ar,
                       mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
         acc = tl.dot(ds, a_t, acc, input_precision=DOT_PRECISION)
+    # The scale goes on the fp32 accumulator: dS is unscaled (see the module docstring).
+    lora_scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_DROPOUT:
         # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
+        lora_scale = lora_scale * tl.core.to_tensor(keep_scale).to(tl.float32)
         acc = tl.where(keep_mask(tl.load(seed_ptr), tl.load(row_offset_ptr), rows, pid_k * BLOCK_N, K, threshold,
                                  BLOCK_N),
-                       acc * tl.core.to_tensor(keep_scale).to(tl.float32), 0.0)
+                       acc * lora_scale, 0.0)
+    else:
+        acc = acc * lora_scale
 
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
@@ -105,7 +115,7 @@ def _lora_grad_weight_kernel(
     """Partial[split, c, j] = f * sum_{m in split} D(U)[m, c] G[m, j] for j < rank, 0 for rank <= j < R.
 
     One kernel serves both adapter gradients:
-      dA_r = D(X)^T dS      with U = X  [M, K] (C = K), G = dS [M, R], dropout on U, f = 1 / (1 - p);
+      dA_r = s D(X)^T dS    with U = X  [M, K] (C = K), G = dS [M, R], dropout on U, f = s / (1 - p);
       dB_r^T = s dY^T S     with U = dY [M, N] (C = N), G = S  [M, R], no dropout, f = s.
     Row split `split` covers rows [split * rows_per_split, (split + 1) * rows_per_split).
     rank, seed and row offset are 0-d device tensors; f is the number `scale`,
@@ -222,8 +232,8 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
 
     grad_s = None
     if needs_grad_x or needs_grad_a:
-        # dS = s dY B_r^T: the skinny product, reading B transposed through its strides.
-        grad_s = skinny_product(grad_y, lora_b.t(), rank, scale)
+        # dS = dY B_r^T, unscaled: the skinny product, reading B transposed through its strides.
+        grad_s = skinny_product(grad_y, lora_b.t(), rank)
 
     if needs_grad_x:
         grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)
@@ -232,7 +242,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
             return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
 
         _fused_grad_x_kernel[x_grid](
-            grad_y, weight, grad_s, lora_a, grad_x, rank, seed, row_offset,
+            grad_y, weight, grad_s, lora_a, grad_x, rank, scale, seed, row_offset,
             M, N, K, m_bucket(M), drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             grad_s.stride(0), grad_s.stride(1), lora_a.stride(0), lora_a.stride(1),
@@ -242,7 +252,7 @@ def lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, dropou
 
     if needs_grad_a:
         grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, row_offset, lora_a.dtype,
-                              transpose_out=False)
+                              transpose_out=False, device_scale=scale)
     if needs_grad_b:
         grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, row_offset, lora_b.dtype, transpose_out=True,
                               device_scale=scale)

@@ -42,14 +42,14 @@ def _fused_forward_kernel(
     M, N, K, M_BUCKET,
     # strides
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
-    stride_br, stride_bn, stride_ym, stride_yn,
+    stride_br, stride_bn, stride_ym, stride_yn, stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y = X W + bias + S (scale B[:rank, :]).
 
-    X: [M, K], W: [K, N], bias: [N], S: [M, R] (unscaled), B: [R, N], Y: [M, N];
+    X: [M, K], W: [K, N], bias: [N], S: [M, R] (unscaled), B: [R, N], Y: [M, N], each with any strides;
     rank and scale: 0-d device tensors (integer, float), 1 <= rank <= R.
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped by GROUP_M row tiles
     so that neighbouring programs share W tiles in L2.
@@ -87,33 +87,46 @@ def _fused_forward_kernel(
         acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None):
+def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None, snapshot=False):
     """Launch the fused forward. Inputs are already validated by the caller.
 
     x: [M, K] in the compute dtype; weight: [K, N] same dtype; bias: [N] or None;
-    lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile).
+    lora_a: [K, R], lora_b: [R, N] in any float dtype (cast to x's dtype per tile); every tensor with any strides.
     rank, scale, seed: 0-d device tensors (integer, fp32, int64) or numbers;
     row_offset: the dropout mask's first row (see ``dropout``), a 0-d int64
     device tensor, a number or None (0).
     Returns (Y [M, N], S [M, R]), both in x's dtype: S[:, :rank] = D(X) A[:, :rank]
-    (unscaled) and S[:, rank:] = 0.
+    (unscaled) and S[:, rank:] = 0; with `snapshot`, (Y, S, (rank, scale,
+    row_offset)): 0-d copies (int32, fp32, int64; row offset 0 without dropout)
+    of the values the kernels read, written by the first launch at no launch of
+    their own, for a backward that must not see later writes to the originals.
     """
     M, K = x.shape
     N = weight.shape[1]
     R = lora_a.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y, torch.empty((0, R), dtype=x.dtype, device=x.device)
-    block_r = rank_block(R)
-    precision = dot_precision(x.dtype)
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
-    s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset)
+    snaps = None
+    if snapshot:
+        snaps = (torch.empty((), dtype=torch.int32, device=x.device),
+                 torch.empty((), dtype=torch.float32, device=x.device),
+                 torch.empty((), dtype=torch.int64, device=x.device))
+    if M == 0:
+        s_down = torch.empty((0, R), dtype=x.dtype, device=x.device)
+        if snapshot:  # no launch writes them; an empty batch's backward reads none of them
+            for snap in snaps:
+                snap.zero_()
+        return (y, s_down, snaps) if snapshot else (y, s_down)
+    block_r = rank_block(R)
+    precision = dot_precision(x.dtype)
+    s_down = skinny_product(x, lora_a, rank, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset,
+                            snapshot=(scale, *snaps) if snapshot else None)
 
     def gemm_grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
@@ -122,7 +135,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
         x, weight, bias if bias is not None else y, s_down, lora_b, y, rank, scale,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s_down.stride(0), s_down.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision, BLOCK_R=block_r,
     )
-    return y, s_down
+    return (y, s_down, snaps) if snapshot else (y, s_down)

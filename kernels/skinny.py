@@ -39,22 +39,26 @@ def device_scalar(value, dtype, device) -> torch.Tensor:
 def _skinny_product_kernel(
     # pointers
     x_ptr, a_ptr, s_ptr, rank_ptr, scale_ptr, seed_ptr, row_offset_ptr,
+    snap_rank_ptr, snap_scale_ptr, snap_row_offset_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, K, R, M_BUCKET, threshold, out_factor,
     # strides
     stride_xm, stride_xk, stride_ak, stride_ar, stride_sm, stride_sr,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, HAS_DEVICE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SNAPSHOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """S[m, j] = scale * out_factor * sum_k D(X)[m, k] A[k, j] for j < rank, and S[m, j] = 0 for rank <= j < R.
+    """S[m, j] = out_factor * sum_k D(X)[m, k] A[k, j] for j < rank, and S[m, j] = 0 for rank <= j < R.
 
-    X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) and, with
-    HAS_DEVICE_SCALE, scale (float) are read from 0-d device tensors (scale = 1
-    without), the dropout seed and row offset (int64) too. D(X) = X * keep / (1 - p) with
+    X: [M, K], A: [K, R] (any strides), S: [M, R]; rank (int) is read from a
+    0-d device tensor, the dropout seed and row offset (int64) too. D(X) = X * keep / (1 - p) with
     HAS_DROPOUT, else X. It serves the forward's S = D(X) A_r (out_factor =
-    1 / (1 - p), no scale: see lora_forward) and the backward's dS = s dY B_r^T
+    1 / (1 - p), no scale: see lora_forward) and the backward's dS = dY B_r^T
     (X = dY, A = B^T through its strides, no dropout).
+    With SNAPSHOT, program (0, 0) also copies the rank (int32), the scale at
+    scale_ptr (fp32) and the row offset (int64; 0 without dropout) to the 0-d
+    tensors at snap_*: the values this forward used, for its backward, however
+    the caller's tensors are written in between.
     Grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
     """
     pid_m = tl.program_id(0).to(tl.int64)
@@ -83,39 +87,45 @@ def _skinny_product_kernel(
     # fp32 whatever the caller passed (a float64 scale would halve the epilogue's
     # throughput); the scales go once on the accumulator, not on every element.
     # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
-    out_scale = tl.core.to_tensor(out_factor).to(tl.float32)
-    if HAS_DEVICE_SCALE:
-        out_scale = out_scale * tl.load(scale_ptr).to(tl.float32)
-    acc = acc * out_scale
+    acc = acc * tl.core.to_tensor(out_factor).to(tl.float32)
     tl.store(s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
              acc.to(s_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks < R)[None, :])
+    if SNAPSHOT:
+        if (pid_m == 0) & (pid_r == 0):
+            tl.store(snap_rank_ptr, rank)
+            tl.store(snap_scale_ptr, tl.load(scale_ptr).to(tl.float32))
+            if HAS_DROPOUT:
+                tl.store(snap_row_offset_ptr, tl.load(row_offset_ptr).to(tl.int64))
+            else:
+                tl.store(snap_row_offset_ptr, tl.full((), 0, tl.int64))
 
 
-def skinny_product(x, a, rank, scale, out_factor=1.0, dropout_p=0.0, seed=0, row_offset=None):
-    """scale * out_factor * D(x) a[:, :rank], zero-padded to [M, R], in x's dtype.
+def skinny_product(x, a, rank, out_factor=1.0, dropout_p=0.0, seed=0, row_offset=None, snapshot=None):
+    """out_factor * D(x) a[:, :rank], zero-padded to [M, R], in x's dtype.
 
-    x: [M, K]; a: [K, R], any strides; rank, scale, seed, row_offset: 0-d
-    device tensors (int, fp32, int64, int64) or numbers; scale None for none;
-    row_offset None is 0.
+    x: [M, K]; a: [K, R], any strides; rank, seed, row_offset: 0-d device
+    tensors (int, int64, int64) or numbers; row_offset None is 0.
+    snapshot: None, or (scale, rank_out, scale_out, row_offset_out): the
+    kernel copies rank, scale and the row offset to the three 0-d tensors
+    (int32, fp32, int64) as it reads them (see the kernel).
     """
     M, K = x.shape
     R = a.shape[1]
     out = torch.empty((M, R), dtype=x.dtype, device=x.device)
     block_r = rank_block(R)
     rank = device_scalar(rank, torch.int32, x.device)
-    has_device_scale = scale is not None
-    scale = device_scalar(scale, torch.float32, x.device) if has_device_scale else rank  # rank: a pointer never read
     seed = mask_seed(seed, dropout_p, rank)
     row_offset = mask_row_offset(row_offset, dropout_p, seed)
+    scale, *snaps = snapshot if snapshot is not None else (rank, rank, rank, rank)  # rank: pointers never read
 
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r))
 
     _skinny_product_kernel[grid](
-        x, a, out, rank, scale, seed, row_offset,
+        x, a, out, rank, scale, seed, row_offset, *snaps,
         M, K, R, m_bucket(M), drop_threshold(dropout_p), float(out_factor),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        HAS_DROPOUT=dropout_p > 0.0, HAS_DEVICE_SCALE=has_device_scale, DOT_PRECISION=dot_precision(x.dtype),
+        HAS_DROPOUT=dropout_p > 0.0, SNAPSHOT=snapshot is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=block_r,
     )
     return out

@@ -48,19 +48,42 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """The dropout_p of every call peft layers patched by ``accelerate`` make to fused_lora (empty: peft's ran)."""
+def torch_path(monkeypatch):
+    """The op runs its PyTorch path (HYBRID_LORA_BACKEND=torch) for the test."""
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+
+
+def _record_fused_calls(monkeypatch, record):
+    """Calls record(dropout_p) for every call peft layers patched by ``accelerate`` make to fused_lora."""
     from hybrid_lora.nn import peft as peft_integration
 
-    calls = []
     real = peft_integration.fused_lora
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs["dropout_p"])
+    def recording(*args, **kwargs):
+        record(kwargs["dropout_p"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(peft_integration, "fused_lora", counting)
+    monkeypatch.setattr(peft_integration, "fused_lora", recording)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The dropout_p of every call peft layers patched by ``accelerate`` make to fused_lora (empty: peft's ran)."""
+    calls = []
+    _record_fused_calls(monkeypatch, calls.append)
     return calls
+
+
+@pytest.fixture
+def fused_dropouts(monkeypatch):
+    """{dropout_p: True} for each dropout_p the patched layers passed to fused_lora, for compiled calls.
+
+    A dict, not a list of calls: a compiled graph guards on what it captures, and a list that
+    grows every call would recompile every step.
+    """
+    seen = {}
+    _record_fused_calls(monkeypatch, lambda p: seen.__setitem__(p, True))
+    return seen
 
 
 @pytest.fixture

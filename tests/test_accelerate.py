@@ -12,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from test_peft_parity import ARCHITECTURES, VOCAB, assert_close_relative, base_model
+from helpers import assert_close_relative
+from test_peft_parity import ARCHITECTURES, VOCAB, base_model
 
 import hybrid_lora
 from hybrid_lora.nn import peft as peft_integration
@@ -25,11 +26,6 @@ LLAMA_TARGETS = ARCHITECTURES["llama"][1]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def torch_path(monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
 
 
 def live_adapters(model, seed=2):

@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close_relative
 from test_accelerate import input_ids, logits_and_grads, lora_grads, peft_model
-from test_peft_parity import VOCAB, assert_close_relative
+from test_peft_parity import VOCAB
 
 import hybrid_lora
 from hybrid_lora.io.models import EMBEDDED_MODEL_DIR
-from hybrid_lora.nn import peft as peft_integration
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -24,24 +24,6 @@ STEPS, BATCH, LENGTH = 20, 2, 12
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_dynamo")
-
-
-@pytest.fixture
-def fused_dropouts(monkeypatch):
-    """{dropout_p: True} for each dropout_p the patched layers passed to fused_lora.
-
-    A dict, not a list of calls: a compiled graph guards on what it captures, and a list that
-    grows every call would recompile every step.
-    """
-    seen = {}
-    real = peft_integration.fused_lora
-
-    def recording(*args, **kwargs):
-        seen[kwargs["dropout_p"]] = True
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(peft_integration, "fused_lora", recording)
-    return seen
 
 
 def token_rows(count=STEPS * BATCH):

@@ -11,9 +11,7 @@ from hybrid_lora.train.ewc import anchor_from_checkpoint, anchor_to_checkpoint, 
 from hybrid_lora.train.metrics import causal_lm_loss, model_logits
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_path")
 
 
 def _trained_model():

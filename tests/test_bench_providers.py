@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
-from conftest import TOLERANCES  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 from bench.providers import (MODES, PROVIDERS, LayerShape, LayerWeights, build_layer,  # noqa: E402
                              bytes_moved, flops, tensor_bytes, traffic)
@@ -17,16 +17,6 @@ from hybrid_lora.ops import reference  # noqa: E402
 
 TINY = LayerShape(M=24, K=32, N=48, r=5, dtype=torch.float32, r_max=16)
 GPT2 = dict(K=768, N=2304)
-
-
-def assert_close(name, got, want):
-    tol = TOLERANCES[torch.float32]
-    got = got.detach().double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    scale = want.abs().max().item()
-    err = (got - want).abs().max().item()
-    bound = tol["atol"] * max(1.0, scale) + tol["rtol"] * scale
-    assert err <= bound, f"{name}: max |diff| {err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("weight_layout", ["in_out", "out_in"])
@@ -50,10 +40,10 @@ def test_every_provider_computes_the_reference_layer(provider, weight_layout):
         want_dx, want_da, want_db = reference.lora_backward(grad_y, x, d["weight"], d["lora_a"], d["lora_b"],
                                                             TINY.r, weights.scale)
         grad_a, grad_b = layer.adapter_grads()
-        assert_close("dA", grad_a, want_da[:, :TINY.r])
-        assert_close("dB", grad_b, want_db[:TINY.r])
-    assert_close("y", y, want_y)
-    assert_close("dX", layer.x.grad, want_dx)
+        assert_close("dA", grad_a, want_da[:, :TINY.r], torch.float32)
+        assert_close("dB", grad_b, want_db[:TINY.r], torch.float32)
+    assert_close("y", y, want_y, torch.float32)
+    assert_close("dX", layer.x.grad, want_dx, torch.float32)
 
 
 @pytest.mark.parametrize("r", [16, 64])

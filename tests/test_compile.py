@@ -15,6 +15,7 @@ on: the same torch seed draws the same mask on both).
 import pytest
 import torch
 from functorch.compile import make_boxed_func
+from helpers import tiny_gpt2, tiny_llama
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -37,30 +38,17 @@ def inductor_in_process():
         yield
 
 
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=WIDTH, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0)), ("c_attn",)
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+MODELS = {  # name: (the tiny model from the seed, its target modules)
+    "gpt2": (lambda seed: tiny_gpt2(seed, width=WIDTH, vocab=VOCAB, positions=LENGTH), ("c_attn",)),
     # Grouped-query attention (k_proj's out is 16) and an MLP projection, in nn.Linear's layout.
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=LENGTH, bos_token_id=0, eos_token_id=0,
-                                        pad_token_id=0)), ("q_proj", "k_proj", "down_proj")
-
-
-MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+    "llama": (lambda seed: tiny_llama(seed, width=WIDTH, vocab=VOCAB, positions=LENGTH),
+              ("q_proj", "k_proj", "down_proj")),
+}
 
 
 def tiny_lora_model(name="gpt2", seed=0, lora_dropout=0.25):
-    torch.manual_seed(seed)
-    model, targets = MODELS[name]()
+    build, targets = MODELS[name]
+    model = build(seed)
     layers = hybrid_lora.inject_lora(model, targets, r_max=R, alpha=8.0, dropout=lora_dropout)
     with torch.no_grad():
         for layer in layers:  # B = 0 would hide every error in the LoRA term
@@ -98,8 +86,11 @@ def op_inputs(rank, dtype, requires_grad):
 def test_opcheck_forward_and_backward(rank, dropout_p, dtype):
     x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t = op_inputs(rank, dtype, requires_grad=True)
     torch.library.opcheck(fused_lora_forward, (x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p))
-    y, s_down = fused_lora_forward(x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p)
+    y, s_down, *copies = fused_lora_forward(x, weight, bias, lora_a, lora_b, rank_t, scale_t, seed_t, dropout_p)
     assert (s_down[:, rank:] == 0).all()  # the columns past the rank, as the backward reads them
+    # The forward's copies of what it read, for its backward (the row offset: None is 0).
+    assert [c.item() for c in copies] == [rank, pytest.approx(scale_t.item()), 0]
+    assert [c.dtype for c in copies] == [torch.int32, torch.float32, torch.int64]
     grad_y = torch.randn_like(y)
     args = (grad_y, x.detach(), s_down, weight, lora_a.detach(), lora_b.detach(), rank_t, scale_t, seed_t, dropout_p)
     for needs in ((True, True, True), (False, True, True)):

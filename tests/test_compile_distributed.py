@@ -12,7 +12,8 @@ import sys
 import textwrap
 
 import pytest
-from test_distributed import assert_close, finish, launch, torchrun
+from helpers import assert_records_close
+from test_distributed import finish, launch, torchrun
 
 # One stage after the first (so the schedule cuts 8 -> 4 at the second epoch) of frozen-mode DyLoRA with the
 # ordering penalty, on a 1-layer GPT-2 without dropout; micro-batches of 4, two per optimizer step (DDP's
@@ -83,9 +84,9 @@ def test_two_processes_train_compiled_like_one_compiled_process_across_a_rank_cu
     assert one["graphs"] == two["graphs"] == 2 and one["graph_breaks"] == two["graph_breaks"] == 0
     rows = {n: [{k: v for k, v in row.items() if k not in TIMING} for row in r["history"]] for n, r in results.items()}
     assert [row["rank"] for row in rows[2] if row["kind"] == "epoch"] == [8, 4]
-    assert_close(rows[2], rows[1], "history")
-    assert_close(two["eval"], one["eval"], "eval")
-    assert_close(two["adapters"], one["adapters"], "adapters")
+    assert_records_close(rows[2], rows[1], "history")
+    assert_records_close(two["eval"], one["eval"], "eval")
+    assert_records_close(two["adapters"], one["adapters"], "adapters")
 
 
 def test_under_torchrun_the_model_is_compiled_inside_ddp_and_the_loss_stays_eager():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_records_close
 
 from hybrid_lora.experiments.device_pool import Job, run_on_devices, start_job, visible_gpus
 from hybrid_lora.train import distributed
@@ -128,25 +129,9 @@ def assert_same_run(got, expected, rel=1e-5, abs_=1e-6):
     """Every figure of two runs equal to fp32 tolerance; counts, ranks, names and the rows' structure exactly."""
     got, expected = without_timings(got), without_timings(expected)
     for key in ("history", "accuracy", "loss", "initial", "rank_sweep", "retention", "bwt", "loss_change"):
-        assert_close(got[key], expected[key], key, rel, abs_)
+        assert_records_close(got[key], expected[key], key, rel, abs_)
     for a, b in zip(got["adapters"], expected["adapters"], strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=rel, atol=abs_)
-
-
-def assert_close(got, expected, where, rel=1e-5, abs_=1e-6):
-    """JSON values equal, floats to the tolerance."""
-    if isinstance(expected, dict):
-        assert sorted(got) == sorted(expected), where
-        for key in expected:
-            assert_close(got[key], expected[key], f"{where}.{key}", rel, abs_)
-    elif isinstance(expected, (list, tuple)):
-        assert len(got) == len(expected), where
-        for i, (a, b) in enumerate(zip(got, expected)):
-            assert_close(a, b, f"{where}[{i}]", rel, abs_)
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=rel, abs=abs_), where
-    else:
-        assert got == expected, where
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +242,10 @@ def test_train_under_torchrun_writes_one_set_of_outputs_with_the_metrics_of_one_
     one_metrics, two_metrics = (json.loads((tmp_path / name / "seed-42" / "metrics.json").read_text())
                                 for name in ("one", "two"))
     for key in ("accuracy", "loss", "initial", "retention", "bwt", "forgetting", "loss_change", "rank_sweep"):
-        assert_close(two_metrics[key], one_metrics[key], key)
+        assert_records_close(two_metrics[key], one_metrics[key], key)
     epochs = [[row[k] for k in ("train_loss", "eval_loss", "eval_accuracy", "tokens", "rank", "steps")]
               for metrics in (one_metrics, two_metrics) for row in metrics["history"] if row["kind"] == "epoch"]
-    assert_close(epochs[4:], epochs[:4], "epoch rows")
+    assert_records_close(epochs[4:], epochs[:4], "epoch rows")
     printed = (tmp_path / "two.log").read_text()
     assert printed.count("stage 2 (embedded-b) epoch 2") == 1  # rank 0 speaks for the group
     config = json.loads((tmp_path / "two" / "seed-42" / "config.json").read_text())

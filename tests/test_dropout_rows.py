@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-from test_distributed import assert_close, dropout_free_embedded_model, finish, launch, torchrun
+from helpers import assert_records_close
+from test_distributed import dropout_free_embedded_model, finish, launch, torchrun
 
 from hybrid_lora import fused_lora
 from hybrid_lora.kernels.dropout import dropout_keep_mask
@@ -97,11 +98,11 @@ def test_two_processes_with_lora_dropout_train_like_one(tmp_path):
                                 for name in ("one", "two"))
     assert two_metrics["config"]["lora_dropout"] == 0.05 and two_metrics["config"]["gradient_checkpointing"]
     for key in ("accuracy", "loss", "retention", "bwt", "loss_change"):
-        assert_close(two_metrics[key], one_metrics[key], key)
+        assert_records_close(two_metrics[key], one_metrics[key], key)
     steps, epochs = ([[row[k] for k in keys] for metrics in (one_metrics, two_metrics) for row in metrics["history"]
                       if row["kind"] == kind]
                      for kind, keys in (("step", ("global_step", "train_loss")),
                                         ("epoch", ("train_loss", "eval_loss", "eval_accuracy", "tokens"))))
     assert len(steps) == 2 * 8  # 4 steps per stage, the last of 2 examples
-    assert_close(steps[8:], steps[:8], "step rows")
-    assert_close(epochs[2:], epochs[:2], "epoch rows")
+    assert_records_close(steps[8:], steps[:8], "step rows")
+    assert_records_close(epochs[2:], epochs[:2], "epoch rows")

@@ -9,9 +9,7 @@ from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, check_rank
                                             freeze_leading_grads, scheduled_rank, truncate_adapters)
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("torch_path")
 
 
 def make_layer(r_max=6, seed=0, in_features=7, out_features=5):

@@ -14,7 +14,8 @@ import importlib
 
 import pytest
 import torch
-from test_bench_gpu import assert_normwise_close, gpt2_inputs, reference_gradients, run_fused
+from helpers import assert_normwise_close
+from test_bench_gpu import gpt2_inputs, reference_gradients, run_fused
 
 from hybrid_lora.ops import backend
 
@@ -41,7 +42,7 @@ class _PatchedLaunch:
 def forward_without_keep_scale(monkeypatch):
     real = forward_module.skinny_product
     monkeypatch.setattr(forward_module, "skinny_product",
-                        lambda x, a, rank, scale, out_factor, *rest: real(x, a, rank, scale, 1.0, *rest))
+                        lambda x, a, rank, out_factor, *rest, **kwargs: real(x, a, rank, 1.0, *rest, **kwargs))
 
 
 def grad_x_without_keep_scale(monkeypatch):

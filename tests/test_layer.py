@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from helpers import tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from hybrid_lora import LoRAConv1D, LoRALinear, inject_lora, lora_layers, set_rank
@@ -15,11 +15,8 @@ from hybrid_lora import LoRAConv1D, LoRALinear, inject_lora, lora_layers, set_ra
 R_MAX, ALPHA = 8, 16.0
 
 
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+def gpt2(seed=0):
+    return tiny_gpt2(seed, layers=2, vocab=64).eval()
 
 
 def token_batch(seed=1):
@@ -36,7 +33,7 @@ def randomize_adapters(layers, seed=2):
 
 
 def test_zero_b_gives_the_untouched_logits():
-    base = tiny_gpt2()
+    base = gpt2()
     model = copy.deepcopy(base)
     layers = inject_lora(model, r_max=R_MAX, alpha=ALPHA)
     assert len(layers) == 2 and all(isinstance(m, LoRAConv1D) for m in layers)
@@ -45,7 +42,7 @@ def test_zero_b_gives_the_untouched_logits():
 
 
 def test_only_the_adapters_train_and_state_dict_keeps_base_keys():
-    model = tiny_gpt2()
+    model = gpt2()
     base_keys = set(model.state_dict())
     inject_lora(model, r_max=R_MAX, alpha=ALPHA)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -53,7 +50,7 @@ def test_only_the_adapters_train_and_state_dict_keeps_base_keys():
     keys = set(model.state_dict())
     assert base_keys <= keys and keys - base_keys == trainable
     # A plain GPT-2 checkpoint loads into the injected model (adapters keep their values).
-    missing, unexpected = model.load_state_dict(tiny_gpt2(seed=5).state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(gpt2(seed=5).state_dict(), strict=False)
     assert set(missing) == trainable and not unexpected
 
 
@@ -163,7 +160,7 @@ def test_bad_ranks_are_refused(bad, kind):
 
 
 def test_inject_errors():
-    model = tiny_gpt2()
+    model = gpt2()
     with pytest.raises(ValueError, match=r"no module of GPT2LMHeadModel matches target_modules \('q_proj',\)"):
         inject_lora(model, target_modules=("q_proj",))
     with pytest.raises(TypeError, match="ln_f is a LayerNorm"):
@@ -175,12 +172,12 @@ def test_inject_errors():
     with pytest.raises(ValueError, match="non-empty list"):
         inject_lora(model, target_modules=[])
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # nothing changed
-    injected = tiny_gpt2()
+    injected = gpt2()
     inject_lora(injected, r_max=4)
     with pytest.raises(ValueError, match="already holds"):
         inject_lora(injected, r_max=4)
     with pytest.raises(ValueError, match="no LoRA layer"):
-        set_rank(tiny_gpt2(), 2)
+        set_rank(gpt2(), 2)
     assert len(lora_layers(injected)) == 2
 
 
@@ -190,15 +187,6 @@ def test_peft_style_initialisation():
     assert (layer.lora_b == 0).all()
     bound = 1 / IN ** 0.5
     assert layer.lora_a.abs().max() <= bound and layer.lora_a.std() > bound / 4
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(config).eval()
 
 
 TARGET_CASES = [
@@ -220,7 +208,7 @@ TARGET_CASES = [
 def test_module_selection_is_peft_s(arch, targets):
     """inject_lora adapts exactly the modules peft adapts for the same target_modules, or refuses when peft does."""
     peft = pytest.importorskip("peft")
-    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    model = gpt2() if arch == "gpt2" else tiny_llama(layers=2, vocab=64).eval()
     try:
         peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=targets))
     except ValueError:  # no module matched, or a matched module is no layer peft can adapt
@@ -235,7 +223,7 @@ def test_module_selection_is_peft_s(arch, targets):
 
 
 def test_lm_head_is_adapted_only_when_named_and_stays_tied():
-    model = tiny_gpt2()
+    model = gpt2()
     layers = inject_lora(model, target_modules=["c_attn", "lm_head"], r_max=R_MAX)
     assert isinstance(model.lm_head, LoRALinear) and model.lm_head.weight is model.transformer.wte.weight
     assert sum(isinstance(layer, LoRAConv1D) for layer in layers) == 2

@@ -17,7 +17,8 @@ import importlib
 import pytest
 import torch
 import triton
-from test_fused_lora import assert_close, make_inputs, reference_outputs
+from helpers import assert_close
+from test_fused_lora import make_inputs, reference_outputs
 from triton.runtime.autotuner import Autotuner
 
 from hybrid_lora import fused_lora

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close_relative, tiny_gpt2, tiny_llama
 
 from hybrid_lora import LoRAConv1D, LoRALinear, inject_lora, set_rank
 
@@ -18,18 +19,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 R_MAX, ALPHA, VOCAB = 8, 16.0, 64
-
-
-def gpt2():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config)
 
 
 def qwen2():
@@ -47,8 +36,8 @@ def gpt_neox():
 
 ARCHITECTURES = {
     # name: (builder, target_modules, layer class, adapted layers, of which with a bias)
-    "gpt2": (gpt2, ["c_attn", "c_proj", "c_fc"], LoRAConv1D, 4, 4),
-    "llama": (llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": (lambda: tiny_gpt2(vocab=VOCAB), ["c_attn", "c_proj", "c_fc"], LoRAConv1D, 4, 4),
+    "llama": (lambda: tiny_llama(vocab=VOCAB), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               LoRALinear, 7, 0),
     "qwen2": (qwen2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               LoRALinear, 7, 3),
@@ -65,12 +54,6 @@ def base_model(arch):
                 if name.endswith("bias"):
                     param.normal_(0.0, 0.5)
     return model
-
-
-def assert_close_relative(got, want, rel=2e-5):
-    """max |got - want| <= rel * max |want|: two fp32 passes that sum in different orders."""
-    err, size = (got - want).abs().max().item(), want.abs().max().item()
-    assert size > 0 and err <= rel * size, f"max |diff| {err:.3e} > {rel} * {size:.3e}"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -7,11 +7,6 @@ from hybrid_lora import fused_lora
 from hybrid_lora.ops import reference
 
 
-@pytest.fixture
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
-
-
 def fp64_inputs(M=5, K=12, N=10, R=6):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(M, K, generator=g, dtype=torch.float64, requires_grad=True)
@@ -23,7 +18,7 @@ def fp64_inputs(M=5, K=12, N=10, R=6):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_gradcheck_fp64(torch_backend, dropout_p):
+def test_gradcheck_fp64(torch_path, dropout_p):
     x, weight, bias, lora_a, lora_b = fp64_inputs()
 
     def op(x, lora_a, lora_b):  # a fixed seed makes the dropout mask part of the function
@@ -43,14 +38,14 @@ def test_closed_form_backward_equals_autograd_of_the_forward():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_path_matches_reference(torch_backend):
+def test_torch_path_matches_reference(torch_path):
     x, weight, bias, lora_a, lora_b = fp64_inputs()
     y = fused_lora(x, weight, bias, lora_a, lora_b, rank=3, scale=2.0)
     want, _ = reference.lora_forward(x, weight, bias, lora_a, lora_b, 3, 2.0)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_path_autocast_bf16_keeps_fp32_adapter_gradients(torch_backend):
+def test_torch_path_autocast_bf16_keeps_fp32_adapter_gradients(torch_path):
     x, weight, bias, lora_a, lora_b = (t.float() if t is not None else None for t in fp64_inputs())
     x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
     with torch.autocast("cpu", dtype=torch.bfloat16):

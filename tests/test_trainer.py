@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_gpt2
 
 import hybrid_lora
 from hybrid_lora.train import dynamic_rank, trainer
@@ -23,23 +24,13 @@ from hybrid_lora.train.trainer import run_continual
 VOCAB, LENGTH, WIDTH, LAYERS = 16, 12, 32, 1
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
-
-
-def tiny_gpt2(seed=0, dropout=0.1):
-    """dropout: GPT-2's own (embedding, attention, residual), active whenever the model trains."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
-                                      attn_pdrop=dropout))
+def gpt2(seed=0, dropout=0.1):
+    """The trainer's tiny GPT-2; dropout: its own, active whenever the model trains."""
+    return tiny_gpt2(seed, layers=LAYERS, width=WIDTH, vocab=VOCAB, positions=LENGTH, dropout=dropout)
 
 
 def tiny_lora_model(r_max=8, seed=0, model_dropout=0.1, **lora):
-    model = tiny_gpt2(seed, model_dropout)
+    model = gpt2(seed, model_dropout)
     hybrid_lora.inject_lora(model, r_max=r_max, **lora)
     return model
 
@@ -273,7 +264,7 @@ def test_bfloat16_autocast_trains_fp32_adapters_close_to_float32(torch_path):
 
 
 def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
-    tiny_gpt2().save_pretrained(tmp_path)
+    gpt2().save_pretrained(tmp_path)
     model = load_model(TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0, device="cpu"))
     layers = hybrid_lora.lora_layers(model)
     # the default rule is rsLoRA's alpha / sqrt(r): 8 / 2
@@ -287,7 +278,7 @@ def test_load_model_puts_adapters_on_a_local_checkpoint(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 base weights are for CUDA only; no CUDA here")
 def test_load_model_on_cuda_stores_adapted_weights_in_bf16_and_adapters_in_fp32(tmp_path):
-    tiny_gpt2().save_pretrained(tmp_path)
+    gpt2().save_pretrained(tmp_path)
     config = TrainConfig(model_name=str(tmp_path), r_max=4, alpha=8.0)
     assert resolved_dtype(config, torch.device("cuda")) == "bfloat16"
     model = load_model(config)
@@ -328,7 +319,7 @@ def test_run_continual_names_what_is_wrong(torch_path):
     with pytest.raises(ValueError, match="no domains given"):
         run_continual(tiny_lora_model(r_max=4), [], config)
     with pytest.raises(ValueError, match="holds no LoRA layer"):
-        run_continual(tiny_gpt2(), [domain], config)
+        run_continual(gpt2(), [domain], config)
     with pytest.raises(ValueError, match=r"width \[8\]; expected config.r_max=4"):
         run_continual(tiny_lora_model(r_max=8), [domain], config)
     with pytest.raises(ValueError, match=r"expected a \(name, train_examples, eval_examples\) triple"):

@@ -18,8 +18,9 @@ from typing import Optional
 
 import torch
 
-from hybrid_lora.ops import reference
 from hybrid_lora.ops.backend import chosen_backend
+from hybrid_lora.ops.torch_path import TorchPath
+from hybrid_lora.ops.torch_path import refuse_double_backward as _refuse_double_backward
 
 # Sets: a membership test hashes once instead of comparing with each in turn.
 _FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
@@ -32,8 +33,11 @@ _INT_DTYPES = frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torc
 def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_a: torch.Tensor, lora_b: torch.Tensor, rank: torch.Tensor, scale: torch.Tensor,
                        seed: torch.Tensor, dropout_p: float,
-                       row_offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [M, N], S [M, R]) of the fused forward kernels; S = D(X) A_r (unscaled, zero past the rank) is for backward.
+                       row_offset: Optional[torch.Tensor] = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y [M, N], S [M, R], rank, scale, row offset) of the fused forward kernels, for the backward:
+    S = D(X) A_r (unscaled, zero past the rank), and 0-d copies (int32, fp32, int64) of the rank, scale and
+    row offset the kernels read (see ``_setup_context``).
 
     x: [M, K]; rank, scale, seed, row_offset (None: 0): 0-d tensors on x's device, read by the kernels.
 
@@ -52,12 +56,15 @@ def fused_lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """
     from hybrid_lora.kernels.lora_forward import lora_forward
 
-    return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
+    y, s_down, snapshot = lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset,
+                                       snapshot=True)
+    return y, s_down, *snapshot
 
 
 @fused_lora_forward.register_fake
 def _forward_fake(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
-    return x.new_empty((x.shape[0], weight.shape[1])), x.new_empty((x.shape[0], lora_a.shape[1]))
+    return (x.new_empty((x.shape[0], weight.shape[1])), x.new_empty((x.shape[0], lora_a.shape[1])),
+            *(x.new_empty((), dtype=dtype) for dtype in (torch.int32, torch.float32, torch.int64)))
 
 
 @torch.library.custom_op("hybrid_lora::fused_lora_backward", mutates_args=())
@@ -87,14 +94,20 @@ def _backward_fake(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, seed,
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset = inputs
-    _, s_down = output
-    # X and S are saved; the dropout mask is regenerated from the seed and the row offset.
+    _, s_down, *snapshot = output
+    # X and S are saved; the dropout mask is regenerated from the seed and the row offset. The rank, scale
+    # and row offset are the forward's copies: a layer writes its own in place (set_rank) between a
+    # forward and its backward when one step sums the losses of several ranks.
+    rank, scale, row_offset = snapshot
+    # Without dropout the seed is never read, and may be the caller's rank tensor: the copy stands in.
+    seed, row_offset = (seed, row_offset) if dropout_p > 0.0 else (rank, None)
     ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset)
     ctx.dropout_p = dropout_p
-    ctx.mark_non_differentiable(s_down)
+    ctx.mark_non_differentiable(s_down, *snapshot)
 
 
-def _backward(ctx, grad_y, grad_s):
+def _backward(ctx, grad_y, grad_s, *grad_snapshot):
+    _refuse_double_backward()
     x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
     needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
     grad_x, grad_a, grad_b = fused_lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, seed,
@@ -126,8 +139,15 @@ class _EagerKernels(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
         from hybrid_lora.kernels.lora_forward import lora_forward
 
-        y, s_down = lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
-        ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset)
+        needs = ctx.needs_input_grad
+        if not (needs[0] or needs[3] or needs[4]):  # no backward: nothing to keep
+            return lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)[0]
+        y, s_down, (rank, scale, offset) = lora_forward(x, weight, bias, lora_a, lora_b, rank, scale, dropout_p, seed,
+                                                        row_offset, snapshot=True)
+        # The forward's copies of rank, scale and row offset, as the custom op saves them (_setup_context).
+        # Without dropout the seed is never read, and may be the caller's rank tensor: the copy stands in.
+        seed, offset = (seed, offset) if dropout_p > 0.0 else (rank, None)
+        ctx.save_for_backward(x, s_down, weight, lora_a, lora_b, rank, scale, seed, offset)
         ctx.dropout_p = dropout_p
         return y
 
@@ -135,43 +155,13 @@ class _EagerKernels(torch.autograd.Function):
     def backward(ctx, grad_y):
         from hybrid_lora.kernels.lora_backward import lora_backward
 
+        _refuse_double_backward()
         x, s_down, weight, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         grad_x, grad_a, grad_b = lora_backward(grad_y, x, s_down, weight, lora_a, lora_b, rank, scale, ctx.dropout_p,
                                                seed, needs_grad_x=needs_x, needs_grad_a=needs_a, needs_grad_b=needs_b,
                                                row_offset=row_offset)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
-
-
-def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
-    """The same op composed of PyTorch ops (autograd does the backward); rank, scale, seed are device tensors.
-
-        y = addmm(b, x, W) + (D(x) A) B_s,   B_s = c B,   c_j = s if j < rank else 0
-
-    Nothing is sliced by the rank: row j of B is multiplied by c_j, zero at
-    or past the rank, which gives the product and the gradients of A and B
-    zeros there, as the slice would (for finite adapters). The scale goes on
-    B, not on S = D(x) A: S is as large as x times A and, in fp16, s S can
-    overflow where the output does not. A multiply, not a ``where``: the op
-    runs hundreds of times a step, and a ``where`` costs two more dispatches
-    forward and backward. The dropout mask is the kernels' Philox mask
-    (``reference.philox_keep_mask``), computed from the seed tensor on the
-    device, so no generator object and no host read enters a graph, and both
-    paths drop the same elements for the same seed.
-    """
-    dtype = x.dtype
-    # c in B's dtype: a 0-d scale does not promote it.
-    coef = torch.lt(torch.arange(lora_a.shape[1], device=rank.device), rank).to(lora_b.dtype) * scale
-    lora_b = lora_b * coef.unsqueeze(1)
-    if lora_b.dtype != dtype:  # a .to() that changes nothing is still a dispatch
-        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-    if dropout_p > 0.0:
-        keep = reference.philox_keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
-        s_down = torch.mm(reference.dropout_input(x, keep, dropout_p), lora_a)
-    else:
-        s_down = torch.mm(x, lora_a)
-    y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
-    return torch.addmm(y, s_down, lora_b)
 
 
 def _error(what, got, expected):
@@ -323,7 +313,9 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     flat = x.dim() == 2
     x2d = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "torch":
-        op = _torch_path
+        op = TorchPath.apply
+        if dropout_p == 0.0:  # the seed is then the rank tensor, and Dynamo cannot trace an autograd.Function
+            seed = None       # given one tensor twice; without dropout the path never reads it
     else:  # a constant to Dynamo: a traced call records the custom op
         op = _traced_kernels if torch.compiler.is_compiling() else _EagerKernels.apply
     if autocast:

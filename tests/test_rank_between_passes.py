@@ -1,0 +1,107 @@
+"""A layer's rank, scale and dropout row offset changed between a forward and its backward, and double backward.
+
+Objectives that sum the losses of several ranks in one step (nested-rank,
+Matryoshka-style training) run forward at rank 8, forward at rank 3, then one
+backward: each backward must use the values its own forward read, although
+``set_rank`` and ``set_dropout_row_offset`` write the layer's tensors in place.
+"""
+
+import pytest
+import torch
+
+from hybrid_lora import LoRALinear
+
+IN, OUT, R_MAX = 24, 20, 8
+RANKS = (8, 3)
+
+
+def make_layer(dropout):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(IN, OUT)
+    layer = LoRALinear(linear.weight, linear.bias, r_max=R_MAX, alpha=16.0, dropout=dropout).train()
+    with torch.no_grad():  # B = 0 would make every gradient of A zero
+        layer.lora_a.copy_(torch.randn(IN, R_MAX, generator=g) * 0.3)
+        layer.lora_b.copy_(torch.randn(R_MAX, OUT, generator=g) * 0.3)
+    return layer
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, IN, generator=g)
+    return x, [torch.randn(2, 5, OUT, generator=g) for _ in RANKS]
+
+
+def loss_at(layer, x, target, rank, step):
+    """The loss at `rank`, with the dropout seed and the row offset of `step` (the same in every run)."""
+    layer.set_rank(rank)
+    layer.set_dropout_row_offset(10 * step)
+    torch.manual_seed(100 + step)
+    return (layer(x) - target).square().sum()
+
+
+def gradients(layer, x):
+    return [t.grad.clone() for t in (x, layer.lora_a, layer.lora_b)]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_summed_losses_of_two_ranks_give_the_sum_of_separate_gradients(path, dropout, monkeypatch):
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
+    x, targets = inputs()
+
+    layer = make_layer(dropout)
+    x_sep = x.clone().requires_grad_()
+    for step, (rank, target) in enumerate(zip(RANKS, targets)):
+        loss_at(layer, x_sep, target, rank, step).backward()
+    want = gradients(layer, x_sep)
+
+    layer = make_layer(dropout)
+    x_sum = x.clone().requires_grad_()
+    total = sum(loss_at(layer, x_sum, target, rank, step) for step, (rank, target) in enumerate(zip(RANKS, targets)))
+    assert layer.rank == RANKS[-1]  # the layer's tensors now hold the last rank and row offset
+    total.backward()
+    got = gradients(layer, x_sum)
+
+    for name, g, w in zip(("x", "lora_a", "lora_b"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # Rank 8 reached every component, so the sum is not rank 3's gradient alone.
+    assert want[1][:, 3:].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_double_backward_raises_one_clear_line(path, monkeypatch):
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
+    layer = make_layer(0.0)
+    x = inputs()[0].requires_grad_()
+    y = layer(x)
+    one_line = r"^fused_lora: double backward \(a backward with create_graph=True[^\n]* is not supported$"
+    with pytest.raises(RuntimeError, match=one_line):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    # A plain backward of the same graph still runs.
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(layer.lora_a.grad).all()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_compiled_summed_losses_of_two_ranks_in_one_graph(path, dropout, monkeypatch, fresh_dynamo):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
+    x, targets = inputs()
+    layer = make_layer(dropout)
+    x_sep = x.clone().requires_grad_()
+    for step, (rank, target) in enumerate(zip(RANKS, targets)):
+        loss_at(layer, x_sep, target, rank, step).backward()
+    want = gradients(layer, x_sep)
+
+    layer = make_layer(dropout)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    x_sum = x.clone().requires_grad_()
+    total = sum(loss_at(compiled, x_sum, target, rank, step) for step, (rank, target) in enumerate(zip(RANKS, targets)))
+    total.backward()
+    assert counter.frame_count == 1  # one graph for both ranks
+    for name, g, w in zip(("x", "lora_a", "lora_b"), gradients(layer, x_sum), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
