@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from hybrid_lora.ops import reference
+from hybrid_lora.ops import philox, reference
 from hybrid_lora.ops.backend import chosen_backend
 
 # Sets: a membership test hashes once instead of comparing with each in turn.
@@ -166,7 +166,7 @@ def _torch_path(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, r
     if lora_b.dtype != dtype:  # a .to() that changes nothing is still a dispatch
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
     if dropout_p > 0.0:
-        keep = reference.philox_keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
+        keep = philox.keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
         s_down = torch.mm(reference.dropout_input(x, keep, dropout_p), lora_a)
     else:
         s_down = torch.mm(x, lora_a)
