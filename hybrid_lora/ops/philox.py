@@ -23,10 +23,11 @@ or 40 numpy ops:
 - the ten round keys come from one op over the seed (from Python ints on the host).
 
 ``keep_mask`` runs the numpy version where the seed is a plain CPU tensor (or a
-number), nothing traces the call and the host is little-endian: per mask, on one
+number), nothing traces or watches the call (a compiled graph, ``torch.jit.trace``,
+a dispatch mode) and the host is little-endian: per mask, on one
 thread of a shared 2-core EPYC, 100 us against the torch version's 300 (and the
 reference's 890) at 8 x 64, 1.0 ms against 2.2 (5.1) at 1024 x 128. Everywhere
-else (CUDA, a compiled or traced graph, a fake tensor) it runs the torch version,
+else (CUDA, a traced or watched call, a fake tensor) it runs the torch version,
 which reads no device value on the host. A ``torch.compile``'d torch version was
 measured too: about a minute to compile on that CPU, and at 1024 x 128 slower
 (5.2 ms) than the eager ops, so none is used.
@@ -36,6 +37,7 @@ import sys
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .reference import _PHILOX_KEY_A, _PHILOX_KEY_B, _PHILOX_ROUND_A, _PHILOX_ROUND_B, _U32
 
@@ -83,7 +85,9 @@ def keep_mask(seed, M, K, dropout_p, row_offset=0):
 
 
 def _on_host(seed, row_offset):
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or sys.byteorder != "little":
+    # A dispatch mode (a tracer, an op counter, FlopCounterMode) sees the torch version's ops; numpy's it would not.
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+            or sys.byteorder != "little"):
         return False
     return all(isinstance(value, int) or (type(value) is torch.Tensor and value.device.type == "cpu")
                for value in (seed, row_offset))
