@@ -32,8 +32,8 @@ A patched layer's class becomes a subclass of peft's ``lora.Linear`` that overri
 cache of the rank and the scale as 0-d device tensors (a host number would be copied to the
 device on every call) and of the structure decided for its state. No Parameter, buffer or hook
 is added, so state dicts, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter()`` and
-``set_adapter`` are peft's; ``restore`` puts the class back and drops the caches. The class, not an instance
-attribute ``forward``, carries the patch so that what copies a module carries it too:
+``set_adapter`` are peft's; ``restore`` puts the class back and drops the caches. The class,
+not an instance attribute ``forward``, carries the patch so that what copies a module carries it too:
 ``copy.deepcopy``, pickling, and ``nn.DataParallel``'s replicas, which share their original's
 instance attributes and would run the original's parameters.
 """
