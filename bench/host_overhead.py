@@ -10,7 +10,13 @@ forward). Each provider wraps the same ``nn.Linear``:
 - ``peft``: peft's LoRA on it (``inject_adapter_in_model``);
 - ``ours``: ``hybrid_lora.LoRALinear.from_module`` at r_max = r, on the
   backend path asked for (``--backend``; ``auto`` is the Triton kernels on a
-  GPU).
+  GPU);
+- ``peft+accelerate``: the ``peft`` layer after ``hybrid_lora.accelerate``,
+  on the same backend path.
+
+The LoRA layers run with each LoRA dropout asked for (``--dropout``, 0 and
+0.1 by default; training mode), the providers of one dropout in the same
+rounds; ``plain`` has no dropout and is timed again with each.
 
 One call is ``layer(x).backward(grad_y)`` with x requiring grad. Providers
 take turns in every round (the order rotates), each timing ``--calls`` calls,
@@ -25,6 +31,7 @@ not), next to a steady call (``call`` column).
 
     python -m bench.host_overhead                        # bench/results/host-overhead-<device>-<date>.csv
     python -m bench.host_overhead --device cpu --backend torch --threads 1
+    python -m bench.host_overhead --device cpu --size 1024 128 384 64 --calls 10   # the default run's c_attn
 """
 
 import argparse
@@ -39,8 +46,9 @@ import torch
 
 from .record import RESULTS_DIR, pick_device, slug, stamp, utc_now, write_csv
 
-PROVIDERS = ("plain", "peft", "ours")
-COLUMNS = ["provider", "backend", "call", "M", "K", "N", "r", "dtype", "us_per_call", "us_p20", "us_p80",
+PROVIDERS = ("plain", "peft", "ours", "peft+accelerate")
+FUSED = ("ours", "peft+accelerate")  # the providers that run hybrid_lora.fused_lora, on a backend path
+COLUMNS = ["provider", "backend", "call", "M", "K", "N", "r", "dropout", "dtype", "us_per_call", "us_p20", "us_p80",
            "over_peft", "over_plain", "calls", "rounds", "threads", "device", "commit", "date"]
 
 
@@ -74,25 +82,29 @@ def cpu_threads(n):
         torch.set_num_threads(previous)
 
 
-def build(provider, linear, r):
-    """The layer of `provider` around a copy of `linear`, adapters live (B != 0)."""
+def build(provider, linear, r, dropout=0.0):
+    """The layer of `provider` around a copy of `linear`, adapters live (B != 0), LoRA dropout `dropout`."""
     linear = copy.deepcopy(linear)
     if provider == "plain":
         return linear
     if provider == "ours":
         from hybrid_lora import LoRALinear
 
-        layer = LoRALinear.from_module(linear, r_max=r, alpha=float(r))
+        layer = LoRALinear.from_module(linear, r_max=r, alpha=float(r), dropout=dropout)
         with torch.no_grad():
             layer.lora_b.normal_(0.0, 0.1)
         return layer.train()
-    if provider == "peft":
+    if provider in ("peft", "peft+accelerate"):
         from peft import LoraConfig, inject_adapter_in_model
 
         holder = torch.nn.Module()
         holder.proj = linear
-        holder = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], bias="none"),
-                                         holder)
+        config = LoraConfig(r=r, lora_alpha=r, lora_dropout=dropout, target_modules=["proj"], bias="none")
+        holder = inject_adapter_in_model(config, holder)
+        if provider == "peft+accelerate":
+            from hybrid_lora import accelerate
+
+            accelerate(holder, strict=True)
         with torch.no_grad():
             holder.proj.lora_B["default"].weight.normal_(0.0, 0.1)
         return holder.proj.train()
@@ -122,14 +134,14 @@ def _timed_calls(layer, x, grad_y, calls, device):
 
 
 def measure(device, *, providers=PROVIDERS, M=8, K=64, N=64, r=16, dtype=torch.float32, calls=200, rounds=15,
-            warmup=20, backend="auto"):
-    """{provider: [microseconds per call, one per round]} for fwd+bwd at [M, K] -> N, rank r."""
+            warmup=20, backend="auto", dropout=0.0):
+    """{provider: [microseconds per call, one per round]} for fwd+bwd at [M, K] -> N, rank r, LoRA dropout `dropout`."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(K, N).to(device=device, dtype=dtype)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(M, N, device=device, dtype=dtype)
     with backend_path(backend):
-        layers = {p: build(p, linear, r) for p in providers}
+        layers = {p: build(p, linear, r, dropout) for p in providers}
         for layer in layers.values():
             _timed_calls(layer, x, grad_y, warmup, device)  # autotuning, allocator, first-call paths
         times = {p: [] for p in providers}
@@ -146,21 +158,21 @@ def _quantile(values, q):
 
 
 def run(device, *, backends=("auto",), threads=None, M=8, K=64, N=64, r=16, dtype=torch.float32, calls=200,
-        rounds=15, providers=PROVIDERS):
-    """One row per provider and backend path; ``plain`` and ``peft`` do not depend on the path."""
+        rounds=15, providers=PROVIDERS, dropouts=(0.0,)):
+    """One row per dropout, backend path and provider; ``plain`` and ``peft`` do not depend on the path."""
     run_stamp = stamp(device)
     rows = []
     with cpu_threads(threads if device.type == "cpu" else None):
         n_threads = torch.get_num_threads() if device.type == "cpu" else ""
-        for backend in backends:
+        for dropout, backend in ((p, b) for p in dropouts for b in backends):
             times = measure(device, providers=tuple(providers), M=M, K=K, N=N, r=r, dtype=dtype, calls=calls,
-                            rounds=rounds, backend=backend)
+                            rounds=rounds, backend=backend, dropout=dropout)
             median = {p: statistics.median(t) for p, t in times.items()}
             for p, t in times.items():
                 rows.append({
-                    "provider": p, "backend": backend if p == "ours" else "", "call": "steady",
-                    "M": M, "K": K, "N": N,
-                    "r": 0 if p == "plain" else r, "dtype": str(dtype).removeprefix("torch."),
+                    "provider": p, "backend": backend if p in FUSED else "", "call": "steady",
+                    "M": M, "K": K, "N": N, "r": 0 if p == "plain" else r,
+                    "dropout": 0.0 if p == "plain" else dropout, "dtype": str(dtype).removeprefix("torch."),
                     "us_per_call": round(median[p], 2), "us_p20": round(_quantile(t, 0.2), 2),
                     "us_p80": round(_quantile(t, 0.8), 2),
                     "over_peft": round(median[p] / median["peft"], 3) if "peft" in median else "",
@@ -188,18 +200,19 @@ def autotune_cost(device, *, first_M=1000, second_M=1010, K=64, N=64, r=16, dtyp
             x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
             us = _timed_calls(layer, x, torch.randn(M, N, device=device, dtype=dtype), 1, device)
             rows.append({"provider": "ours", "backend": "auto", "call": call, "M": M, "K": K, "N": N, "r": r,
-                         "dtype": str(dtype).removeprefix("torch."), "us_per_call": round(us, 2), "us_p20": "",
-                         "us_p80": "", "over_peft": "", "over_plain": "", "calls": 1, "rounds": 1, "threads": "",
+                         "dropout": 0.0, "dtype": str(dtype).removeprefix("torch."), "us_per_call": round(us, 2),
+                         "us_p20": "", "us_p80": "", "over_peft": "", "over_plain": "", "calls": 1, "rounds": 1,
+                         "threads": "",
                          **run_stamp})
     return rows
 
 
 def markdown(rows) -> str:
-    lines = ["| provider | backend | call | M | us per fwd+bwd call (p20-p80) | / peft | / plain |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| provider | backend | dropout | call | M | us per fwd+bwd call (p20-p80) | / peft | / plain |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         spread = f" ({row['us_p20']:.1f}-{row['us_p80']:.1f})" if row["us_p20"] != "" else ""
-        lines.append(f"| {row['provider']} | {row['backend'] or '-'} | {row['call']} | {row['M']} | "
+        lines.append(f"| {row['provider']} | {row['backend'] or '-'} | {row['dropout']} | {row['call']} | {row['M']} | "
                      f"{row['us_per_call']:.1f}{spread} | {row['over_peft']} | {row['over_plain']} |")
     first = rows[0]
     lines.append(f"\n{first['device']}, {first['threads'] or 'GPU'} threads, M={first['M']} K={first['K']} "
@@ -216,12 +229,25 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default: %(default)s)")
     parser.add_argument("--calls", type=int, default=200, help="calls per round (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=15, help="rounds per provider (default: %(default)s)")
+    parser.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1],
+                        help="LoRA dropout of the LoRA layers, one table each (default: %(default)s)")
+    parser.add_argument("--size", nargs=4, type=int, default=[8, 64, 64, 16], metavar=("M", "K", "N", "R"),
+                        help="rows, in and out features, rank (default: %(default)s)")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS,
+                        help="layers to time (default: all)")
     parser.add_argument("--out", default=None,
                         help="CSV path (default: bench/results/host-overhead-<device>-<date>.csv)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     backends = args.backend or (["auto", "torch"] if device.type == "cuda" else ["torch"])
-    rows = run(device, backends=backends, threads=args.threads, calls=args.calls, rounds=args.rounds)
+    for p in args.dropout:
+        if not 0.0 <= p < 1.0:
+            parser.error(f"--dropout {p}: expected a probability in [0, 1)")
+    if min(args.size) < 1:
+        parser.error(f"--size {' '.join(map(str, args.size))}: expected four positive integers")
+    M, K, N, r = args.size
+    rows = run(device, backends=backends, threads=args.threads, calls=args.calls, rounds=args.rounds, M=M, K=K, N=N,
+               r=r, providers=args.providers, dropouts=args.dropout)
     if device.type == "cuda":
         rows += autotune_cost(device)
     print(markdown(rows))

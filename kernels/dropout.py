@@ -1,8 +1,8 @@
 """LoRA dropout as a counter-based Philox mask that is regenerated, never stored.
 
 Element (m, k) of the [M, K] input is dropped when word k % 4 of
-Philox4x32-10 (Salmon et al., SC 2011; Triton's ``tl.randint4x``) at counter
-``(row_offset + m) * ceil(K / 4) + k // 4`` is below ``threshold = round(p * 2**32)``; kept
+Philox4x32-10 (Salmon et al., SC 2011; Triton's ``tl.randint4x``) at the 64-bit
+counter ``(row_offset + m) * ceil(K / 4) + k // 4`` is below ``threshold = round(p * 2**32)``; kept
 elements are scaled by ``1 / (1 - p)`` (inverted dropout, as
 ``torch.nn.functional.dropout``). One Philox call serves four neighbouring
 elements. Every kernel that needs the mask computes it from the seed and the
@@ -11,7 +11,9 @@ activation memory. ``row_offset`` (0-d device tensor, read by the kernels)
 places the input's rows in a larger batch: a process holding rows
 [row_offset, row_offset + M) of a batch split over processes draws the batch's
 mask for them, so the masks do not depend on how the batch is split. The
-32-bit counter wraps past 2**32 groups of four, about 1.7e10 elements per batch.
+counter is 64-bit (randint4x takes it as the words (low 32 bits, high 32 bits,
+0, 0)), so no run of any length repeats a mask; below 2**32 it is the 32-bit
+counter the mask had before.
 """
 
 import torch
@@ -34,7 +36,8 @@ def keep_mask(seed, row_offset, rows, col_start, n_cols, threshold, BLOCK_COLS: 
     """
     quads = col_start // 4 + tl.arange(0, BLOCK_COLS // 4)
     quads_per_row = (n_cols + 3) // 4
-    counter = (rows[:, None] + row_offset).to(tl.uint32) * quads_per_row.to(tl.uint32) + quads[None, :].to(tl.uint32)
+    # int64: a 32-bit counter would repeat masks after 2**32 quads (1.56M rows at K = 11008).
+    counter = (rows[:, None] + row_offset).to(tl.int64) * quads_per_row + quads[None, :].to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
     # join(join(r0, r2), join(r1, r3))[m, q, j, i] = r_{2j+i}: flattening the
     # last three axes puts word w of quad q at column 4q + w.

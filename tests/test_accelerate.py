@@ -2,8 +2,9 @@
 
 GPT-2 (Conv1D: c_attn, c_proj, c_fc), Llama (q, k, v, o, gate, up, down) and Qwen2 (bias on q/k/v)
 are tiny random models built here (``test_peft_parity``'s). The parity test runs the Triton kernels
-(the interpreter on a CPU) and the PyTorch path; the tests of peft's other behaviours (fallbacks,
-restore, save, adapters, generation) run the PyTorch path, as what they check is the patching.
+(the interpreter on a CPU) and the PyTorch path, and so does the test of dropout under activation
+checkpointing; the tests of peft's other behaviours (fallbacks, restore, save, adapters, generation) run the
+PyTorch path, as what they check is the patching.
 """
 
 import copy
@@ -140,9 +141,15 @@ def test_mean_over_dropout_masks_is_peft_evaluation_output(kind, torch_path, fus
     assert fused_calls == [p]
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_dropout_under_activation_checkpointing_gives_the_same_gradients(reentrant, torch_path, fused_calls):
-    plain = peft_model("llama", dropout=0.3)
+def test_dropout_under_activation_checkpointing_gives_the_same_gradients(reentrant, path, monkeypatch, fused_calls):
+    """The recomputed forward draws the forward's masks, on both paths (the Triton one: its dropout seed and row
+    offset reach the kernels as device tensors that checkpointing must not change)."""
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
+    # Under the interpreter, two of Llama's seven projections (one of the attention's, one of the MLP's).
+    targets = LLAMA_TARGETS if path == "torch" else ["v_proj", "down_proj"]
+    plain = peft_model("llama", dropout=0.3, target_modules=targets)
     model = hybrid_lora.accelerate(plain).train()
 
     def grads(seed, checkpointing):

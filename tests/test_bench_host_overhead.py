@@ -1,5 +1,6 @@
-"""Host time per layer call (bench/host_overhead.py): the bench runs, our layer costs no more than
-peft's LoRA, and a call copies no Python number to the device.
+"""Host time per layer call (bench/host_overhead.py): the bench runs, our layer and peft's layer after
+``accelerate`` cost no more than peft's LoRA (with LoRA dropout, a bounded multiple of it), and a call copies
+no Python number to the device.
 
 A ratio of timings taken in turns in this one process, on the PyTorch path,
 with one torch thread and the thread's CPU time: it holds on a loaded
@@ -22,19 +23,33 @@ from hybrid_lora.ops import backend  # noqa: E402
 
 pytest.importorskip("peft")
 
-# Our layer measured 1.05x to 1.14x peft (median of paired rounds) on a loaded 2-core CPU, where the
-# op before the backend was chosen once and its checks made free was 1.7x to 2.0x: the bound catches
-# per-call host work coming back, with room for the noise of a shared machine.
-MAX_OVER_PEFT = 1.3
+# Without dropout our layer measured 1.05x to 1.14x peft (median of paired rounds) on a loaded 2-core CPU,
+# where the op before the backend was chosen once and its checks made free was 1.7x to 2.0x; peft's layer
+# after accelerate 1.1x. With LoRA dropout 0.1, 1.6x and 1.85x: the mask is ten Philox rounds in about 40
+# numpy ops (peft draws its mask in one op), where the reference's ~280 torch ops made it 4.3x, and the
+# torch ops of ops.philox 2.4x. The bounds catch per-call host work coming back, with room for the noise
+# of a shared machine.
+MAX_OVER_PEFT = {0.0: 1.3, 0.1: 2.2}
 
 
-def test_the_bench_writes_one_row_per_provider(tmp_path):
+def test_the_bench_writes_one_row_per_provider_and_dropout(tmp_path):
     out = tmp_path / "host.csv"
     host_overhead.main(["--device", "cpu", "--calls", "5", "--rounds", "2", "--out", str(out)])
     text = out.read_text()
-    assert text.splitlines()[0].split(",") == host_overhead.COLUMNS
-    assert [line.split(",")[0] for line in text.splitlines()[1:]] == list(host_overhead.PROVIDERS)
+    header, *rows = (line.split(",") for line in text.splitlines())
+    assert header == host_overhead.COLUMNS
+    dropout = header.index("dropout")
+    assert [(row[0], float(row[dropout])) for row in rows] == [
+        (provider, 0.0 if provider == "plain" else p) for p in (0.0, 0.1) for provider in host_overhead.PROVIDERS]
     assert str(Path.cwd()) not in text and "/tmp" not in text
+
+
+def test_the_bench_names_a_bad_dropout_or_size(capsys):
+    for argv, message in ((["--dropout", "1.0"], "--dropout 1.0: expected a probability in [0, 1)"),
+                          (["--size", "8", "0", "64", "16"], "--size 8 0 64 16: expected four positive integers")):
+        with pytest.raises(SystemExit):
+            host_overhead.main(["--device", "cpu", *argv])
+        assert message in capsys.readouterr().err
 
 
 def test_the_autotune_rows_time_a_new_bucket_then_the_same_bucket():
@@ -44,13 +59,17 @@ def test_the_autotune_rows_time_a_new_bucket_then_the_same_bucket():
     assert all(row["us_per_call"] > 0 and set(row) == set(host_overhead.COLUMNS) for row in rows)
 
 
-def test_our_layer_costs_no_more_host_time_per_call_than_peft():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_our_layers_cost_no_more_host_time_per_call_than_peft(dropout):
     cpu = torch.device("cpu")
     with host_overhead.cpu_threads(1):
-        times = host_overhead.measure(cpu, providers=("peft", "ours"), calls=30, rounds=41, backend="torch")
-    # Rounds of the two layers run back to back: the ratio within a round cancels the machine's drift.
-    ratio = statistics.median(ours / peft for ours, peft in zip(times["ours"], times["peft"]))
-    assert ratio <= MAX_OVER_PEFT, f"LoRALinear takes {ratio:.2f}x peft's host time per fwd+bwd call"
+        times = host_overhead.measure(cpu, providers=("peft", *host_overhead.FUSED), calls=30, rounds=41,
+                                      backend="torch", dropout=dropout)
+    # Rounds of the layers run back to back: the ratio within a round cancels the machine's drift.
+    for provider in host_overhead.FUSED:
+        ratio = statistics.median(ours / peft for ours, peft in zip(times[provider], times["peft"]))
+        assert ratio <= MAX_OVER_PEFT[dropout], \
+            f"{provider} takes {ratio:.2f}x peft's host time per fwd+bwd call with LoRA dropout {dropout}"
 
 
 class _NewTensors(TorchDispatchMode):

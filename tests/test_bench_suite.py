@@ -49,7 +49,8 @@ def test_gpu_check_records_every_step_and_writes_no_absolute_path(tiny_run):
     qlora = "ok" if _qlora_importable() else "skipped: bitsandbytes or peft is not installed (pip install -e '.[qlora]')"
     assert steps == {"precompile": "skipped: needs CUDA", "tests": "skipped: needs CUDA", "suite": "ok",
                      "host_overhead": "ok", "compile_counts": "ok", "qlora": qlora, "report": "ok", "serving": "ok"}
-    assert [row["provider"] for row in read_csv(result["out"] / "host-overhead.csv")] == ["plain", "peft", "ours"]
+    assert [row["provider"] for row in read_csv(result["out"] / "host-overhead.csv")] == [
+        "plain", "peft", "ours", "peft+accelerate"] * 2  # LoRA dropout 0 and 0.1
     suite_steps = {row["step"]: row["status"] for row in read_csv(result["steps"])}
     # compile_counts runs as a step of gpu_check's own, under its own time limit
     assert suite_steps == {"layer": "ok", "rank_sweep": "ok", "memory": "ok", "e2e": "ok", "checkpointing": "ok",

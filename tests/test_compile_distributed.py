@@ -1,10 +1,14 @@
-"""Training compiled under torchrun (gloo): two processes train like one, across a rank cut.
+"""Training compiled under torchrun (gloo): two processes train like one, across a rank cut, with and without
+LoRA dropout.
 
 Each process compiles the model inside DDP (``compiled.compiled_model``) with
 ``fullgraph=True``; at the cut every process makes new adapter Parameters,
 builds DDP again and compiles once more. The compiled graphs run under
 ``aot_eager`` (Inductor's C++ build would take minutes here; the model is
-the same graph either way).
+the same graph either way). With LoRA dropout each process draws the seeds the
+one process draws (the same generator, the same calls) and keys the masks on
+its rows of the global batch, so the masks, and every figure, are the one
+process's.
 """
 
 import json
@@ -16,8 +20,8 @@ from helpers import assert_records_close
 from test_distributed import finish, launch, torchrun
 
 # One stage after the first (so the schedule cuts 8 -> 4 at the second epoch) of frozen-mode DyLoRA with the
-# ordering penalty, on a 1-layer GPT-2 without dropout; micro-batches of 4, two per optimizer step (DDP's
-# no_sync on the first). argv: result.json.
+# ordering penalty, on a 1-layer GPT-2 without dropout of its own; micro-batches of 4, two per optimizer step
+# (DDP's no_sync on the first). argv: result.json, LoRA dropout.
 SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     import torch
@@ -41,9 +45,12 @@ SCRIPT = textwrap.dedent("""
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=LENGTH, vocab_size=VOCAB,
                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0))
-    layers = hybrid_lora.inject_lora(model, r_max=8, alpha=8.0, dropout=0.0)
-    config = variant_config("dy_only", r_max=8, alpha=8.0, lora_dropout=0.0, batch_size=4, grad_accum=2, epochs=2,
-                            rank_schedule=(8, 4), lr=2e-2, log_every=1, progress=False, device="cpu", compile=True)
+    lora_dropout = float(sys.argv[2])
+    layers = hybrid_lora.inject_lora(model, r_max=8, alpha=8.0, dropout=lora_dropout)
+    config = variant_config("dy_only", r_max=8, alpha=8.0, lora_dropout=lora_dropout, batch_size=4, grad_accum=2,
+                            epochs=2,
+                            rank_schedule=(8, 4), lr=2e-2, log_every=1, progress=False, device="cpu",
+                            compile=True)
     torch._dynamo.utils.counters.clear()
     history = []
     own = train_stage(model, Domain("plus3", examples, examples[:8]), config, stage=1, log=history.append)
@@ -65,14 +72,15 @@ TIMING = {"seconds", "tokens_per_second"}
 
 
 @pytest.mark.slow
-def test_two_processes_train_compiled_like_one_compiled_process_across_a_rank_cut(tmp_path):
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_two_processes_train_compiled_like_one_compiled_process_across_a_rank_cut(tmp_path, lora_dropout):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     started = {}
     for nproc in (1, 2):
         out = tmp_path / f"processes-{nproc}.json"
         argv = [sys.executable, str(script)] if nproc == 1 else torchrun(str(script))
-        started[nproc] = (launch([*argv, str(out)], f"{out}.log"), out)
+        started[nproc] = (launch([*argv, str(out), str(lora_dropout)], f"{out}.log"), out)
     results = {}
     for nproc, (process, out) in started.items():
         finish(process, f"{out}.log")

@@ -13,12 +13,14 @@ from hybrid_lora import fused_lora
 from hybrid_lora.ops import backend
 
 
-def dropped_elements(device, M, K, seed, p):
-    """{'forward', 'backward'}: [M, K] bool masks of the elements the op drops on the backend path in use."""
+def dropped_elements(device, M, K, seed, p, row_offset=0):
+    """{'forward', 'backward'}: [M, K] bool masks of the elements the op drops on the backend path in use, for
+    rows [row_offset, row_offset + M) of a batch."""
     x = (torch.rand(M, K, generator=torch.Generator().manual_seed(seed % 2**31)) + 0.5).to(device)
     x.requires_grad_()
     eye = torch.eye(K, device=device)
-    y = fused_lora(x, torch.zeros(K, K, device=device), None, eye, eye, rank=K, scale=1.0, dropout_p=p, seed=seed)
+    y = fused_lora(x, torch.zeros(K, K, device=device), None, eye, eye, rank=K, scale=1.0, dropout_p=p, seed=seed,
+                   row_offset=row_offset)
     (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
     forward, backward = y == 0, grad_x == 0
     # Kept elements are x / (1 - p), and dropout drops about p of them.

@@ -19,17 +19,21 @@ training mode only, as ``nn.Dropout``; its seed is drawn from torch's generator 
 (``seed=None``), which ``torch.utils.checkpoint`` restores, so a recomputed forward draws the
 same mask.
 
-Everything is read at call time (the active adapter, its rank, its scale, its dropout module,
-``merged``, ``disable_adapters``), and any call the op would not compute exactly as peft does
-runs peft's own forward instead (``unsupported``).
+Every call follows the layer's state: which adapter is active and whether it runs as the op runs
+(``merged``, ``disable_adapters``, DoRA, the modules' classes) is decided once per change of
+peft's ``disable_adapters``, ``merged`` and ``active_adapters`` (what ``set_adapter``,
+``disable_adapter()``, ``merge``/``unmerge`` and ``delete_adapter`` change), or of the modules in
+the adapter's slots (``add_adapter``/``update_layer`` make new ones); the rest (its rank, its scale,
+its dropout's p and mode, hooks, dtypes) is read at every call. Any call the op would not compute
+exactly as peft does runs peft's own forward instead (``unsupported``).
 
 A patched layer's class becomes a subclass of peft's ``lora.Linear`` that overrides
 ``forward`` only (named ``Linear`` too, so it prints as peft's does), and the layer holds a
 cache of the rank and the scale as 0-d device tensors (a host number would be copied to the
-device on every call). No Parameter, buffer or hook is added, so state dicts,
-``save_pretrained``, ``merge_and_unload``, ``disable_adapter()`` and ``set_adapter`` are
-peft's; ``restore`` puts the class back and drops the cache. The class, not an instance
-attribute ``forward``, carries the patch so that what copies a module carries it too:
+device on every call) and of the structure decided for its state. No Parameter, buffer or hook
+is added, so state dicts, ``save_pretrained``, ``merge_and_unload``, ``disable_adapter()`` and
+``set_adapter`` are peft's; ``restore`` puts the class back and drops the caches. The class,
+not an instance attribute ``forward``, carries the patch so that what copies a module carries it too:
 ``copy.deepcopy``, pickling, and ``nn.DataParallel``'s replicas, which share their original's
 instance attributes and would run the original's parameters.
 """
@@ -43,6 +47,7 @@ from torch import nn
 from hybrid_lora.ops.fused_lora import _FLOAT_DTYPES, fused_lora  # the dtypes the op takes, and the op
 
 _CACHE = "_hybrid_lora_constants"  # {device: (rank, scale, rank tensor, scale tensor, zero row offset)}
+_STRUCTURE = "_hybrid_lora_structure"  # (_state_key, _structure): what was decided for the layer's state
 _LISTED = 6  # layer names shown per reason in accelerate's message
 _LINEAR, _DROPOUTS = (nn.Linear,), (nn.Dropout, nn.Identity)
 
@@ -63,15 +68,74 @@ def _base_classes():
     return nn.Linear, Conv1D
 
 
-def _plain(module, classes):
-    """Whether `module` is of one of `classes` exactly and runs that class's forward: no hook, no forward of its own.
+def _hooked(module):
+    """Whether `module` runs anything besides its class's forward: hooks, or a forward of its own.
 
     Read from the instance's __dict__ (where nn.Module keeps its hooks): every call asks it four times.
     """
     state = module.__dict__
-    return type(module) in classes and "forward" not in state and not (
-        state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
-        or state["_backward_pre_hooks"])
+    return "forward" in state or bool(state["_forward_hooks"] or state["_forward_pre_hooks"]
+                                      or state["_backward_hooks"] or state["_backward_pre_hooks"])
+
+
+def _plain(module, classes):
+    """Whether `module` is of one of `classes` exactly and runs that class's forward: no hook, no forward of its own."""
+    return type(module) in classes and not _hooked(module)
+
+
+def _structure(layer):
+    """(adapter name, lora_A, lora_B, dropout module, base layer, None), or (None, ..., why): the part of the plan
+    that depends on the layer's adapters and modules only, not on the call.
+
+    The modules are those of the active adapter, whose class is checked here; their hooks and their
+    parameters' dtypes are checked at every call (``_plan``).
+    """
+    unsupported = (None,) * 5
+    if layer.disable_adapters:
+        return (*unsupported, "adapters disabled")
+    if layer.merged:
+        return (*unsupported, "merged")
+    modules = layer._modules
+    lora_as = modules["lora_A"]._modules
+    names = [name for name in layer.active_adapters if name in lora_as]
+    if len(names) != 1:
+        return (*unsupported, f"{len(names)} active adapters")
+    name = names[0]
+    if layer.use_dora.get(name, False):
+        return (*unsupported, "DoRA")
+    variant = getattr(layer, "lora_variant", {}).get(name)  # peft >= 0.15: DoRA and the other variants
+    if variant is not None:
+        return (*unsupported, f"lora_variant {type(variant).__name__}")
+    lora_a, lora_b, dropout = lora_as[name], modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name]
+    if getattr(layer, "lora_bias", {}).get(name, False) or lora_b._parameters.get("bias") is not None:
+        return (*unsupported, "lora_bias")
+    if not (type(lora_a) in _LINEAR and type(lora_b) in _LINEAR and lora_a._parameters.get("bias") is None):
+        return (*unsupported, "lora_A or lora_B is not a plain nn.Linear")
+    if type(dropout) not in _DROPOUTS:
+        return (*unsupported, f"lora_dropout is {type(dropout).__name__}")
+    base = modules["base_layer"]
+    if type(base) not in _base_classes():
+        return (*unsupported, f"base layer {type(base).__name__} (or a hook on it)")
+    return name, lora_a, lora_b, dropout, base, None
+
+
+def _state_key(layer):
+    """What peft changes when the layer's structure changes: set_adapter, enable_adapters (``disable_adapter()``),
+    merge and unmerge, delete_adapter; add_adapter and update_layer make new modules, compared at each call."""
+    return layer.disable_adapters, layer.merged, layer.active_adapters
+
+
+def _held_structure(layer, keep):
+    """``_structure`` of the layer, decided again only when ``_state_key`` changes; with `keep` False, or in a
+    trace (Dynamo guards on what it reads), decided now and the layer's __dict__ left alone."""
+    if not keep or torch.compiler.is_compiling():
+        return _structure(layer)
+    key = _state_key(layer)
+    held = layer.__dict__.get(_STRUCTURE)
+    if held is None or held[0] != key:
+        held = (key, _structure(layer))
+        layer.__dict__[_STRUCTURE] = held
+    return held[1]
 
 
 def _plan(layer, x, args, kwargs):
@@ -80,38 +144,36 @@ def _plan(layer, x, args, kwargs):
     The arguments: W [K, N], b, A [K, r], B [r, N] (views of peft's tensors), the dropout
     probability in effect, the rank and the scale. With x None only the layer's state is
     checked (what ``accelerate`` reports), and the arguments are left out. Every call runs
-    this, so it reads what it needs once and asks nothing twice.
+    this: the layer's structure is decided once per state (``_held_structure``); what peft or
+    its user may change without a call peft makes (the modules in the adapter's slots, hooks,
+    dtypes, the scale, the dropout's p and mode) is read at every call, once.
     """
-    if layer.disable_adapters:
-        return None, "adapters disabled"
-    if layer.merged:
-        return None, "merged"
-    if args or any(value is not None for value in kwargs.values()):
+    if args or (kwargs and any(value is not None for value in kwargs.values())):
         # adapter_names (a mixed batch), a variant's arguments, or arguments for the base layer
         return None, "adapter_names or other forward arguments"
-    # Submodules through _modules: nn.Module.__getattr__, the way `layer.lora_A` finds them, costs
+    keep = x is not None  # accelerate's report of a layer it may not patch stores nothing in it
+    name, lora_a, lora_b, dropout, base, why = _held_structure(layer, keep)
+    if why is not None:
+        return None, why
+    # Modules through _modules: nn.Module.__getattr__, the way `layer.lora_A` finds them, costs
     # about a microsecond each, and this runs for every layer at every call.
     modules = layer._modules
-    lora_as = modules["lora_A"]._modules
-    names = [name for name in layer.active_adapters if name in lora_as]
-    if len(names) != 1:
-        return None, f"{len(names)} active adapters"
-    name = names[0]
-    if layer.use_dora.get(name, False):
-        return None, "DoRA"
-    variant = getattr(layer, "lora_variant", {}).get(name)  # peft >= 0.15: DoRA and the other variants
-    if variant is not None:
-        return None, f"lora_variant {type(variant).__name__}"
-    lora_a, lora_b, dropout = lora_as[name], modules["lora_B"]._modules[name], modules["lora_dropout"]._modules[name]
-    if getattr(layer, "lora_bias", {}).get(name, False) or lora_b._parameters.get("bias") is not None:
-        return None, "lora_bias"
-    if not (_plain(lora_a, _LINEAR) and _plain(lora_b, _LINEAR) and lora_a._parameters.get("bias") is None):
+    if not (modules["lora_A"]._modules.get(name) is lora_a and modules["lora_B"]._modules.get(name) is lora_b
+            and modules["lora_dropout"]._modules.get(name) is dropout and modules["base_layer"] is base):
+        # Modules replaced (update_layer, a replica's own copies): decide again for the new ones.
+        layer.__dict__.pop(_STRUCTURE, None)
+        name, lora_a, lora_b, dropout, base, why = _held_structure(layer, keep)
+        if why is not None:
+            return None, why
+    if _hooked(lora_a) or _hooked(lora_b):
         return None, "lora_A or lora_B is not a plain nn.Linear"
-    if not _plain(dropout, _DROPOUTS) or (type(dropout) is nn.Dropout and dropout.p >= 1.0):
+    if _hooked(dropout):
         return None, f"lora_dropout is {type(dropout).__name__}"
-    base = modules["base_layer"]
-    if not _plain(base, _base_classes()):
+    if _hooked(base):
         return None, f"base layer {type(base).__name__} (or a hook on it)"
+    drops = type(dropout) is nn.Dropout
+    if drops and dropout.p >= 1.0:
+        return None, "lora_dropout is Dropout"
     weight, bias = base._parameters["weight"], base._parameters.get("bias")
     a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
     if weight.dtype not in _FLOAT_DTYPES or (bias is not None and bias.dtype != weight.dtype):
@@ -121,18 +183,18 @@ def _plan(layer, x, args, kwargs):
     if x is None:
         return (), None
     # Devices are not compared: where they differ, peft's forward fails as the op does.
-    if not torch.is_autocast_enabled(x.device.type):
-        # Under autocast the op casts x, W and b to the autocast dtype, as the base layer's autocast does.
+    # Under autocast the op casts x, W and b to the autocast dtype, as the base layer's autocast does;
+    # where every dtype is x's there is nothing to cast, and autocast need not be asked.
+    if (x.dtype != weight.dtype or a.dtype != x.dtype) and not torch.is_autocast_enabled(x.device.type):
         if x.dtype != weight.dtype:
             return None, f"input dtype {x.dtype} with weight dtype {weight.dtype}"
         # peft runs the adapter in its own dtype; the kernels read the adapter in x's dtype, or fp32
         # adapters with fp16/bf16 inputs (what get_peft_model's autocast_adapter_dtype makes).
-        if a.dtype != x.dtype:
-            if not (a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-                return None, f"adapter dtype {a.dtype} with input dtype {x.dtype}"
-            if not getattr(layer, "cast_input_dtype_enabled", True):
-                return None, "input dtype casting disabled"
-    dropout_p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+        if not (a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+            return None, f"adapter dtype {a.dtype} with input dtype {x.dtype}"
+        if not getattr(layer, "cast_input_dtype_enabled", True):
+            return None, "input dtype casting disabled"
+    dropout_p = dropout.p if drops and dropout.training else 0.0
     weight = weight.t() if type(base) is nn.Linear else weight  # W as [K, N]: Conv1D's, or a view
     return (weight, bias, a.t(), b.t(), dropout_p, a.shape[0], layer.scaling[name]), None
 
@@ -263,6 +325,7 @@ def restore(model):
         if _is_patched(module):
             module.__class__ = type(module).__bases__[0]
         module.__dict__.pop(_CACHE, None)
+        module.__dict__.pop(_STRUCTURE, None)
     return model
 
 

@@ -57,7 +57,7 @@ def merged_weight(weight, lora_a, lora_b, rank, scale):
 
 
 # Philox4x32-10 (Salmon et al., SC 2011) in int64 torch ops, as Triton's
-# tl.randint4x computes it: counter (c, 0, 0, 0), key (seed low, seed high).
+# tl.randint4x computes it: counter (q low, q high, 0, 0), key (seed low, seed high).
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _U32 = 0xFFFFFFFF
@@ -77,11 +77,14 @@ def _mulhilo32(a, b):
 def philox_keep_mask(seed, M, K, dropout_p, row_offset=0):
     """The [M, K] bool keep mask of ``kernels.dropout`` for `seed` (an int or a 0-d integer tensor).
 
-    Element (m, k) is kept when word k % 4 of Philox4x32-10 at counter
-    (row_offset + m) * ceil(K / 4) + k // 4 (mod 2**32), keyed by the seed, is
-    >= round(p * 2**32). The rows are those of a larger input from row
-    `row_offset` on (an int or a 0-d integer tensor; 0: the input itself), so
-    a shard of a batch gets the rows of the batch's mask.
+    Element (m, k) is kept when word k % 4 of Philox4x32-10 at the 64-bit
+    counter q = (row_offset + m) * ceil(K / 4) + k // 4 (mod 2**64), keyed by
+    the seed, is >= round(p * 2**32). As Triton's randint4x splits a 64-bit
+    offset, q enters Philox as the counter words (q mod 2**32, q // 2**32, 0, 0),
+    so a counter below 2**32 gives the mask a 32-bit counter gave.
+    The rows are those of a larger input from row `row_offset` on (an int or
+    a 0-d integer tensor; 0: the input itself), so a shard of a batch gets the
+    rows of the batch's mask.
     Seed and offset tensors are never read on the host: the mask is a function
     of the device values, so it serves a compiled graph.
     """
@@ -89,9 +92,9 @@ def philox_keep_mask(seed, M, K, dropout_p, row_offset=0):
     device = seed.device
     quads = (K + 3) // 4
     rows = torch.arange(M, dtype=torch.int64, device=device) + row_offset
-    counter = (rows[:, None] * quads
-               + torch.arange(quads, dtype=torch.int64, device=device)[None, :]) & _U32
-    c0, c1, c2, c3 = counter, torch.zeros_like(counter), torch.zeros_like(counter), torch.zeros_like(counter)
+    counter = rows[:, None] * quads + torch.arange(quads, dtype=torch.int64, device=device)[None, :]
+    c0, c1 = counter & _U32, (counter >> 32) & _U32
+    c2, c3 = torch.zeros_like(counter), torch.zeros_like(counter)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     for _ in range(10):
         hi_b, lo_b = _mulhilo32(c2, _PHILOX_ROUND_B)

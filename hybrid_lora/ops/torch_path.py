@@ -28,7 +28,7 @@ backward runs changes neither. A compiled graph's partitioner would instead
 recompute them in the backward from those 0-d inputs (saving them is cheaper):
 there the forward first copies them with an opaque op (``scalar_copies``),
 which it cannot recompute. The dropout mask is the kernels' Philox mask
-(``reference.philox_keep_mask``), computed from the seed tensor on the device,
+(``philox.keep_mask``, equal to ``reference.philox_keep_mask``), computed from the seed tensor on the device,
 so no generator object and no host read enters a graph, and both paths drop
 the same elements for the same seed.
 """
@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from hybrid_lora.ops import reference
+from hybrid_lora.ops import philox, reference
 
 _NO_DOUBLE_BACKWARD = ("fused_lora: double backward (a backward with create_graph=True through the op, as a "
                        "gradient penalty takes) is not supported")
@@ -83,7 +83,7 @@ class TorchPath(torch.autograd.Function):
             a, b_scaled = lora_a.to(dtype), b_scaled.to(dtype)
         keep = None
         if dropout_p > 0.0:
-            keep = reference.philox_keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
+            keep = philox.keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
             x_dropped = reference.dropout_input(x, keep, dropout_p)
         else:
             x_dropped = x
