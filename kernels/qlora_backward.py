@@ -1,9 +1,11 @@
 """Backward of the fused LoRA layer over a 4-bit frozen weight: dX, dA[:, :r], dB[:r, :].
 
 As ``lora_backward`` (same formulas, same S saved by the forward):
-    dS = s dY B_r^T                      [M, R]   ``skinny.skinny_product``
-    dX = dY W4 + D^T(dS A_r^T)           [M, K]   ``_qlora_grad_x_kernel``
-    dA_r = D(X)^T dS, dB_r = s S^T dY             ``lora_backward``'s weight-gradient kernel
+    dS = dY B_r^T                        [M, R]   ``skinny.skinny_product``, unscaled
+    dX = dY W4 + s D^T(dS A_r^T)         [M, K]   ``_qlora_grad_x_kernel``
+    dA_r = s D(X)^T dS, dB_r = s S^T dY           ``lora_backward``'s weight-gradient kernel
+(s on the fp32 accumulators, not on dS: s dY B^T can leave fp16's range
+where dX and dA do not; see ``lora_backward``)
 with W4 the 4-bit [N, K] weight (``nf4``), decoded tile by tile in the dX
 kernel's reduction loop over N, so the backward writes no full-size W either.
 """
@@ -27,7 +29,7 @@ from .tiling import cdiv, grouped_tile
 def _qlora_grad_x_kernel(
     # pointers
     dy_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-    ds_ptr, a_ptr, dx_ptr, rank_ptr, seed_ptr, row_offset_ptr,
+    ds_ptr, a_ptr, dx_ptr, rank_ptr, scale_ptr, seed_ptr, row_offset_ptr,
     # sizes and scalars (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, N, K, M_BUCKET, threshold, keep_scale,
     # strides
@@ -37,11 +39,11 @@ def _qlora_grad_x_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dX = dY W + D^T(dS A[:, :rank]^T).
+    """dX = dY W + scale * D^T(dS A[:, :rank]^T).
 
     dY: [M, N], W: the 4-bit [N, K] weight (element (n, k) at flat index
-    n * K + k), dS: [M, R], A: [K, R], dX: [M, K]; rank, seed and row offset
-    are 0-d device tensors; ROWS_IN_BLOCKS: K is a multiple of BLOCKSIZE. The output tile is
+    n * K + k), dS: [M, R] (unscaled), A: [K, R], dX: [M, K]; rank, scale, seed
+    and row offset are 0-d device tensors; ROWS_IN_BLOCKS: K is a multiple of BLOCKSIZE. The output tile is
     BLOCK_M x BLOCK_N over (M, K); BLOCK_K tiles the reduction over N.
     Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N),).
     """
@@ -63,10 +65,16 @@ def _qlora_grad_x_kernel(
         a_t = tl.load(a_ptr + ks[None, :] * stride_ak + ranks[:, None] * stride_ar,
                       mask=rank_ok[:, None] & k_ok[None, :], other=0.0).to(ds.dtype)
         acc = tl.dot(ds, a_t, acc, input_precision=DOT_PRECISION)
+    # The scale goes on the fp32 accumulator: dS is unscaled (see the module docstring).
+    lora_scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_DROPOUT:
+        # tl.core.to_tensor: Triton 3.6's triton.language does not export it.
+        lora_scale = lora_scale * tl.core.to_tensor(keep_scale).to(tl.float32)
         acc = tl.where(keep_mask(tl.load(seed_ptr), tl.load(row_offset_ptr), rows, pid_k * BLOCK_N, K, threshold,
                                  BLOCK_N),
-                       acc * tl.core.to_tensor(keep_scale).to(tl.float32), 0.0)
+                       acc * lora_scale, 0.0)
+    else:
+        acc = acc * lora_scale
 
     for n0 in range(0, N, BLOCK_K):
         ns = n0 + tl.arange(0, BLOCK_K)
@@ -112,7 +120,8 @@ def qlora_backward(grad_y, x, s_down, quant, lora_a, lora_b, rank, scale, dropou
 
     grad_s = None
     if needs_grad_x or needs_grad_a:
-        grad_s = skinny_product(grad_y, lora_b.t(), rank, scale)
+        # dS = dY B_r^T, unscaled, reading B transposed through its strides.
+        grad_s = skinny_product(grad_y, lora_b.t(), rank)
 
     if needs_grad_x:
         grad_x = torch.empty((M, K), dtype=x.dtype, device=x.device)
@@ -121,7 +130,7 @@ def qlora_backward(grad_y, x, s_down, quant, lora_a, lora_b, rank, scale, dropou
             return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_N"]),)
 
         _qlora_grad_x_kernel[grid](
-            grad_y, *quant_args(quant), grad_s, lora_a, grad_x, rank, seed, row_offset,
+            grad_y, *quant_args(quant), grad_s, lora_a, grad_x, rank, scale, seed, row_offset,
             M, N, K, m_bucket(M), drop_threshold(dropout_p), keep_scale,
             grad_y.stride(0), grad_y.stride(1), grad_s.stride(0), grad_s.stride(1),
             lora_a.stride(0), lora_a.stride(1), grad_x.stride(0), grad_x.stride(1),
@@ -131,7 +140,7 @@ def qlora_backward(grad_y, x, s_down, quant, lora_a, lora_b, rank, scale, dropou
 
     if needs_grad_a:
         grad_a = _weight_grad(x, grad_s, rank, keep_scale, dropout_p, seed, row_offset, lora_a.dtype,
-                              transpose_out=False)
+                              transpose_out=False, device_scale=scale)
     if needs_grad_b:
         grad_b = _weight_grad(grad_y, s_down, rank, 1.0, 0.0, seed, row_offset, lora_b.dtype, transpose_out=True,
                               device_scale=scale)

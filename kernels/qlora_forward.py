@@ -13,7 +13,9 @@ the dequantized weight to memory and reads it back.
 Launches: ``skinny.skinny_product`` (S = D(X) A_r, kept for the backward),
 then ``_qlora_forward_kernel``, whose reduction continues over the rank with
 S and s B as ``lora_forward``'s does. Rank, scale and seed are 0-d device
-tensors, so one compiled kernel serves every rank.
+tensors, so one compiled kernel serves every rank; with ``snapshot`` the
+skinny kernel also copies the rank, scale and row offset it reads for the
+backward (see ``lora_forward``).
 """
 
 import torch
@@ -35,7 +37,7 @@ def _qlora_forward_kernel(
     # sizes (M_BUCKET: the autotune key's m_bucket(M), not read)
     M, N, K, M_BUCKET,
     # strides
-    stride_xm, stride_xk, stride_sm, stride_sr, stride_br, stride_bn, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_sm, stride_sr, stride_br, stride_bn, stride_ym, stride_yn, stride_bias,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROWS_IN_BLOCKS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -89,28 +91,40 @@ def _qlora_forward_kernel(
         acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None):
+def qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset=None, snapshot=False):
     """Launch the fused 4-bit forward. Inputs are already validated by the caller.
 
     x: [M, K] in the compute dtype; quant: a ``Quant4bit`` of shape [N, K];
-    bias: [N] in x's dtype or None; lora_a: [K, R], lora_b: [R, N];
-    rank, scale, seed, row_offset: as ``lora_forward``.
-    Returns (Y [M, N], S [M, R]) in x's dtype, S unscaled and zero past the rank.
+    bias: [N] in x's dtype (any stride) or None; lora_a: [K, R], lora_b: [R, N];
+    rank, scale, seed, row_offset, snapshot: as ``lora_forward``.
+    Returns (Y [M, N], S [M, R]) in x's dtype, S unscaled and zero past the rank;
+    with `snapshot`, (Y, S, (rank, scale, row_offset)), the 0-d copies
+    ``lora_forward`` returns, for the backward.
     """
     M, K = x.shape
     N = quant.shape[0]
     R = lora_a.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y, torch.empty((0, R), dtype=x.dtype, device=x.device)
     rank = device_scalar(rank, torch.int32, x.device)
     scale = device_scalar(scale, torch.float32, x.device)
-    s_down = skinny_product(x, lora_a, rank, None, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset)
+    snaps = None
+    if snapshot:
+        snaps = (torch.empty((), dtype=torch.int32, device=x.device),
+                 torch.empty((), dtype=torch.float32, device=x.device),
+                 torch.empty((), dtype=torch.int64, device=x.device))
+    if M == 0:
+        s_down = torch.empty((0, R), dtype=x.dtype, device=x.device)
+        if snapshot:  # no launch writes them; an empty batch's backward reads none of them
+            for snap in snaps:
+                snap.zero_()
+        return (y, s_down, snaps) if snapshot else (y, s_down)
+    s_down = skinny_product(x, lora_a, rank, 1.0 / (1.0 - dropout_p), dropout_p, seed, row_offset,
+                            snapshot=(scale, *snaps) if snapshot else None)
 
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
@@ -119,8 +133,8 @@ def qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, 
         x, *quant_args(quant), bias if bias is not None else y, s_down, lora_b, y, rank, scale,
         M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), s_down.stride(0), s_down.stride(1), lora_b.stride(0), lora_b.stride(1),
-        y.stride(0), y.stride(1),
+        y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         BLOCKSIZE=quant.blocksize, NESTED=quant.nested, ROWS_IN_BLOCKS=K % quant.blocksize == 0,
         HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=rank_block(R),
     )
-    return y, s_down
+    return (y, s_down, snaps) if snapshot else (y, s_down)

@@ -12,9 +12,15 @@ The Triton path decodes W tile by tile inside the forward GEMM and the dX
 GEMM (``kernels.qlora_forward``, ``kernels.qlora_backward``): no full-size W
 is written. The PyTorch path (CPUs, fp64, ``HYBRID_LORA_BACKEND=torch``)
 dequantizes W with ``nf4_reference.dequantize`` (equal to bitsandbytes'
-``dequantize_4bit``) and runs ``fused_lora``'s PyTorch composition.
+``dequantize_4bit``) and runs ``fused_lora``'s PyTorch path
+(``torch_path.TorchPath``) on it.
 W is dequantized to x's dtype (the compute dtype), as bitsandbytes'
 ``Linear4bit`` does with its ``compute_dtype``.
+
+Both paths share ``fused_lora``'s edges: dS = dY B^T unscaled with s on the
+fp32 sums that consume it (fp16 backward), the rank, scale and row offset a
+forward read kept for its backward (``set_rank`` between a forward and its
+backward), a bias read through its stride, and one line for double backward.
 """
 
 import operator
@@ -24,7 +30,8 @@ from typing import Optional
 import torch
 
 from hybrid_lora.ops.backend import chosen_backend
-from hybrid_lora.ops.fused_lora import _check_inputs, _device_scalar, _torch_path
+from hybrid_lora.ops.fused_lora import _check_inputs, _device_scalar
+from hybrid_lora.ops.torch_path import TorchPath, refuse_double_backward
 from hybrid_lora.ops.nf4_reference import BLOCKSIZES, QUANT_TYPES, Quant4bit, dequantize
 
 _TRITON_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
@@ -42,18 +49,23 @@ def fused_lora_4bit_forward(x: torch.Tensor, packed: torch.Tensor, code: torch.T
                             offset: Optional[torch.Tensor], blocksize: int, out_features: int,
                             bias: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
                             rank: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor, dropout_p: float,
-                            row_offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [M, N], S [M, R]) of the 4-bit forward kernels (see ``fused_lora_forward`` for why a custom op)."""
+                            row_offset: Optional[torch.Tensor] = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y [M, N], S [M, R], rank, scale, row offset) of the 4-bit forward kernels, as ``fused_lora_forward``
+    returns them (the last three: 0-d copies of what the kernels read, for the backward)."""
     from hybrid_lora.kernels.qlora_forward import qlora_forward
 
     quant = _quant(packed, code, absmax, absmax2, code2, offset, blocksize, out_features, x.shape[1])
-    return qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
+    y, s_down, snapshot = qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset,
+                                        snapshot=True)
+    return y, s_down, *snapshot
 
 
 @fused_lora_4bit_forward.register_fake
 def _forward_fake(x, packed, code, absmax, absmax2, code2, offset, blocksize, out_features, bias, lora_a, lora_b,
                   rank, scale, seed, dropout_p, row_offset=None):
-    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_a.shape[1]))
+    return (x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_a.shape[1])),
+            *(x.new_empty((), dtype=dtype) for dtype in (torch.int32, torch.float32, torch.int64)))
 
 
 @torch.library.custom_op("hybrid_lora::fused_lora_4bit_backward", mutates_args=())
@@ -81,15 +93,21 @@ def _backward_fake(grad_y, x, s_down, packed, code, absmax, absmax2, code2, offs
 
 
 def _setup_context(ctx, inputs, output):
-    (x, packed, code, absmax, absmax2, code2, offset, blocksize, _, _, lora_a, lora_b, rank, scale, seed,
-     dropout_p, row_offset) = inputs
-    ctx.save_for_backward(x, output[1], packed, code, absmax, absmax2, code2, offset, lora_a, lora_b, rank, scale,
+    (x, packed, code, absmax, absmax2, code2, offset, blocksize, _, _, lora_a, lora_b, _, _, seed,
+     dropout_p, _) = inputs
+    _, s_down, *snapshot = output
+    # The forward's copies of rank, scale and row offset, as fused_lora's _setup_context saves them.
+    rank, scale, row_offset = snapshot
+    # Without dropout the seed is never read, and may be the caller's rank tensor: the copy stands in.
+    seed, row_offset = (seed, row_offset) if dropout_p > 0.0 else (rank, None)
+    ctx.save_for_backward(x, s_down, packed, code, absmax, absmax2, code2, offset, lora_a, lora_b, rank, scale,
                           seed, row_offset)
     ctx.blocksize, ctx.dropout_p = blocksize, dropout_p
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(s_down, *snapshot)
 
 
-def _backward(ctx, grad_y, grad_s):
+def _backward(ctx, grad_y, grad_s, *grad_snapshot):
+    refuse_double_backward()
     x, s_down, packed, code, absmax, absmax2, code2, offset, lora_a, lora_b, rank, scale, seed, row_offset = \
         ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -111,8 +129,14 @@ class _EagerKernels(torch.autograd.Function):
     def forward(ctx, x, quant, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset):
         from hybrid_lora.kernels.qlora_forward import qlora_forward
 
-        y, s_down = qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)
-        ctx.save_for_backward(x, s_down, lora_a, lora_b, rank, scale, seed, row_offset)
+        needs = ctx.needs_input_grad
+        if not (needs[0] or needs[3] or needs[4]):  # no backward: nothing to keep
+            return qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p, seed, row_offset)[0]
+        y, s_down, (rank, scale, offset) = qlora_forward(x, quant, bias, lora_a, lora_b, rank, scale, dropout_p,
+                                                         seed, row_offset, snapshot=True)
+        # The forward's copies, as the custom op saves them (_setup_context).
+        seed, offset = (seed, offset) if dropout_p > 0.0 else (rank, None)
+        ctx.save_for_backward(x, s_down, lora_a, lora_b, rank, scale, seed, offset)
         ctx.quant, ctx.dropout_p = quant, dropout_p  # frozen tensors, not outputs or inputs needing grad
         return y
 
@@ -120,6 +144,7 @@ class _EagerKernels(torch.autograd.Function):
     def backward(ctx, grad_y):
         from hybrid_lora.kernels.qlora_backward import qlora_backward
 
+        refuse_double_backward()
         x, s_down, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x, grad_a, grad_b = qlora_backward(grad_y, x, s_down, ctx.quant, lora_a, lora_b, rank, scale,
@@ -215,7 +240,10 @@ def fused_lora_4bit(x, quant, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.
     with torch.autocast(device.type, enabled=False) if autocast else nullcontext():
         if backend == "torch":
             weight = dequantize(quant, x.dtype)  # [N, K]
-            y = _torch_path(x2d, weight.t(), bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)
+            # Without dropout the seed is the rank tensor, and Dynamo cannot trace an autograd.Function given
+            # one tensor twice; the path never reads it then (as in fused_lora).
+            y = TorchPath.apply(x2d, weight.t(), bias, lora_a, lora_b, rank, scale,
+                                seed if dropout_p > 0.0 else None, dropout_p, row_offset)
         elif torch.compiler.is_compiling():  # a constant to Dynamo: a traced call records the custom op
             q = quant
             y = fused_lora_4bit_forward(x2d, q.packed, q.code, q.absmax, q.absmax2, q.code2, q.offset, q.blocksize,
