@@ -230,7 +230,7 @@ def study_section(results, base):
         return "No study committed."
     stored = load(root / "study.json")
     plan = study.PLANS[stored["plan"]]
-    table = study.summarise(plan, study.collect(plan, root))
+    table = study.summarise(plan, study.collect(plan, root), study.collect_curves(plan, root))
     finished = sum((run.folder(root) / "metrics.json").is_file() for run in study.runs(plan, root))
     lines = [f"From `{label(root)}`: {finished} runs, {plan.train_examples} training and "
              f"{plan.eval_examples} eval examples per domain, seeds {', '.join(map(str, plan.seeds))}; "

@@ -11,6 +11,7 @@ from hybrid_lora.train import trainer
 from hybrid_lora.train.config import TrainConfig
 from hybrid_lora.train.dynamic_rank import RankSampler, doubling_ranks, nested_ranks, step_rank, step_ranks
 from hybrid_lora.train.metrics import causal_lm_loss, model_logits
+from hybrid_lora.train.rank_curve import rank_curves
 from hybrid_lora.train.state import EpochTotals
 from test_trainer import adapter_tensors, rule_domain, tiny_lora_model
 
@@ -161,5 +162,7 @@ def test_a_run_stopped_mid_stage_resumes_bit_identical_with_each_sampler(tmp_pat
 
     assert comparable(resumed) == comparable(expected)
     assert (resumed["loss"], resumed["rank_sweep"]) == (expected["loss"], expected["rank_sweep"])
+    # The run's own rank curve: one per stage, from its sweep and the base model's evaluation.
+    assert expected["rank_curve"] == rank_curves(expected) and expected["rank_curve"][0]["ranks"] == [2, 8]
     for got, want in zip(resumed_adapters, expected_adapters):
         assert torch.equal(got, want)

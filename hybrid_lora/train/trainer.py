@@ -52,6 +52,7 @@ from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, doubling_r
 from hybrid_lora.train.ewc import ewc_penalty, fisher_anchor
 from hybrid_lora.train.metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
 from hybrid_lora.train.nonfinite import NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
+from hybrid_lora.train.rank_curve import rank_curves
 from hybrid_lora.train.regularizers import DC_MODES, l2_to_previous, order_penalty, snapshot_adapters
 from hybrid_lora.train.replay import with_replay
 from hybrid_lora.train.state import EpochTotals, TrainingState
@@ -363,7 +364,8 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
     Returns a JSON-ready dict: "initial" (each domain before training),
     "accuracy" and "loss" (T x T, [stage][domain]), "retention",
     "loss_change" (final minus own-stage loss of each earlier domain),
-    "bwt" (of accuracy), "rank_sweep" and "history" (step, epoch and rank rows).
+    "bwt" (of accuracy), "rank_sweep", "rank_curve" (each swept rank's share of the stage's gain, and the
+    AURAC: ``rank_curve``) and "history" (step, epoch and rank rows).
     """
     domains = [_as_domain(d) for d in domains]
     if not domains:
@@ -405,7 +407,7 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
             if r <= rank:
                 with active_rank(layers, r):
                     sweep[r] = _evaluate(model, eval_loaders[t], device, config)
-        state.rank_sweep.append({"stage": t, "domain": domains[t].name, "by_rank": sweep})
+        state.rank_sweep.append({"stage": t, "domain": domains[t].name, "rank": rank, "by_rank": sweep})
         if (config.lambda_dc > 0 or config.lambda_l2 > 0) and t + 1 < len(domains):
             state.snapshot = snapshot_adapters(layers)
         if config.lambda_ewc > 0 and t + 1 < len(domains):
@@ -416,7 +418,7 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
         if state.checkpointer is not None:
             state.checkpointer.save(state, None)
 
-    return {
+    result = {
         "config": dataclasses.asdict(config),
         "domains": [d.name for d in domains],
         "device": str(device),
@@ -429,3 +431,5 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
         "rank_sweep": state.rank_sweep,
         "history": state.history,
     }
+    result["rank_curve"] = rank_curves(result)
+    return result
