@@ -24,7 +24,8 @@ def write_summary(results, out_dir, args):
         text += "\nThe rank-quality curve (gain kept = (base - at rank r) / (base - at the stage's final rank); " \
                 "AURAC: its area over log2 rank, 1 = every rank as good as the final one):\n\n" \
                 + markdown_table(table, curves)
-    write_json(out_dir / "summary.json", {"columns": {**columns, **curves}, "table": table, "domains": domains,
+    write_json(out_dir / "summary.json", {"columns": columns, "curve_columns": curves, "table": table,
+                                          "domains": domains,
                                           "runs": {v: [f"{v}/seed-{m['seed']}" for m in runs]
                                                    for v, runs in results.items()}})
     write_text(out_dir / "summary.md", text)
