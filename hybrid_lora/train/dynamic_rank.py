@@ -20,15 +20,15 @@ below r/4 untrained):
 
 - 'log-uniform' draws b = floor(exp(u)) with u ~ Uniform[0, ln(r + 1)), so
   P(b) = ln((b + 1) / b) / ln(r + 1): each octave [2^k, 2^(k+1)) of ranks
-  gets the same share of the steps, where 'full' gives the top octave half of
-  them. All b components train, as in 'full'.
+  gets the same share of the steps (exactly when r + 1 is a power of two),
+  where 'full' gives the top octave half of them. All b components train, as in 'full'.
 - 'multi-rank' draws nothing: every step trains at each rank of
   ``doubling_ranks(r)`` = {1, 2, 4, ..., r} and its loss is the mean of the
   CE losses at those ranks, as Matryoshka representations (Kusupati et al.,
   NeurIPS 2022, "Matryoshka Representation Learning") sum the loss over nested
-  sizes at every step. The mean is the sum scaled by 1 / len(ranks), which
-  AdamW does not see, and which keeps the regularisers' weights what they are
-  in the one-rank modes. A step costs len(ranks) forward and backward passes
+  sizes at every step. The mean is the sum scaled by 1 / len(ranks): AdamW's
+  update does not depend on the loss's scale (but for its eps), and the
+  regularisers keep the weight they have in the one-rank modes. A step costs len(ranks) forward and backward passes
   (7 at r = 64).
 
 'full' is the uniform sampler: b ~ Uniform{1..r}, DyLoRA's own draw, with
