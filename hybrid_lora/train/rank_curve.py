@@ -10,7 +10,9 @@ the share of the full rank's gain that rank r keeps: 1 at r_k, 0 for a rank no
 better than the base, negative for one worse than the base, above 1 for one
 better than the full rank. The formula is the same for loss (lower is better)
 and accuracy (higher is better): the signs cancel. Where the full rank gained
-nothing (m(r_k) == m_base) no share is defined and the gain kept is None.
+nothing (m(r_k) == m_base) no share is defined and the gain kept is None;
+where it gained little, or lost, the shares are large and say little: read
+the losses themselves there.
 
 AURAC, the area under the rank-quality curve (after MatryoshkaLoRA, arXiv
 2605.07850, 2026, which scores nested LoRA prefixes by the area under the
