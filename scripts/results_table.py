@@ -18,6 +18,8 @@ from pathlib import Path
 from hybrid_lora.experiments import study
 from hybrid_lora.experiments.summary import cell, mean_std
 from hybrid_lora.io.atomic import write_text
+from hybrid_lora.train.config import TrainConfig
+from hybrid_lora.train.rank_curve import rank_curves
 
 START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
 
@@ -279,8 +281,6 @@ def _mean(values):
 
 
 def _curves(metrics):
-    from hybrid_lora.train.rank_curve import rank_curves
-
     return rank_curves(metrics)
 
 
@@ -301,8 +301,6 @@ def _rank_cells(runs, stage):
 
 def ranks_section(results, base):
     """The rank-quality curve of each sampler, and the default's targets sampler by sampler."""
-    from hybrid_lora.train.config import TrainConfig
-
     samplers = _sampler_runs(results)
     lora_only = [load(p) for p in sorted((Path(results) / "default" / "compare" / "lora_only").glob(
         "seed-*/metrics.json"))]
@@ -322,7 +320,8 @@ def ranks_section(results, base):
     for mode, folder, runs in [*samplers, ("lora_only", None, lora_only)]:
         for stage, where in ((0, "Stage 1, on A"), (1, "Stage 2, on B")):
             lines.append(f"| {title(mode)} | {len(runs)} | {where} | " + " | ".join(_rank_cells(runs, stage)) + " |")
-    lines += ["", "What each sampler gives, mean ± std over seeds (gain on B: accuracy after Stage 2 minus the base's, "
+    lines += ["", "What each sampler gives, mean ± std over seeds (gain on B: accuracy after Stage 2 minus the "
+              "base's, "
               "as a share of lora_only's; forgetting: accuracy on A lost in Stage 2; worst rank: the lowest gain "
               "kept of any swept rank after either stage, in loss; CPU time: user + system from `/usr/bin/time -v` "
               "(`cpu-time*.txt`; for nested and lora_only, their seed-42 run in `results/default`); wall time "
@@ -379,7 +378,8 @@ def ranks_section(results, base):
         moved = {k: row[k] - _mean(today[k]) for k in ("top_a", "top_b")}
         top = ", ".join(f"{moved[k]:+.4f} (spread {spread[k]:.4f})" for k in ("top_a", "top_b"))
         forgets = f"{row['forgetting']:.4f} vs {_mean(reference['forgetting']):.4f}"
-        cells = [check(f"{row['above_base']:+.4f}", row["above_base"] <= 0), check(f"{row['r4']:.2f}", row["r4"] >= 0.9),
+        cells = [check(f"{row['above_base']:+.4f}", row["above_base"] <= 0),
+                 check(f"{row['r4']:.2f}", row["r4"] >= 0.9),
                  check(f"{row['r1']:+.2f}", row["r1"] >= 0.5),
                  check(top, all(abs(moved[k]) <= spread[k] for k in moved)),
                  check(f"{row['gain_b']:.2f}", row["gain_b"] >= 0.8),

@@ -92,9 +92,9 @@ def stage_curve(base, by_rank, full=None, full_rank=None):
 def rank_curves(metrics):
     """One curve per stage of a run's metrics ("initial", "loss", "accuracy" and "rank_sweep", as
     ``run_continual`` returns them): [{"stage", "domain", "ranks", "full_rank", "loss" (at each rank),
-    "loss_gain_kept", "loss_aurac", ...}]. The full rank is the stage's final one ("rank" of its sweep row) with the stage's own
-    evaluation; a run older than that field has its highest swept rank taken. A stage without a sweep has no
-    curve: one rank is no curve."""
+    "loss_gain_kept", "loss_aurac", ...}]. The full rank is the stage's final one ("rank" of its sweep
+    row) with the stage's own evaluation; a run older than that field has its highest swept rank taken.
+    A stage without a sweep has no curve."""
     curves = []
     for sweep in metrics.get("rank_sweep", []):
         if not sweep["by_rank"]:
