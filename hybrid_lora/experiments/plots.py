@@ -6,7 +6,9 @@
   end of the stage (where forgetting shows);
 - ``rank-sweep.png``: eval accuracy and loss of each stage's domain when the
   trained adapter is evaluated at lower ranks, with no retraining;
-- ``comparison.png``: variants side by side, mean over seeds with a one-standard-deviation bar.
+- ``comparison.png``: variants side by side, mean over seeds with a one-standard-deviation bar;
+- ``rank-curve.png``: each variant's rank-quality curve on one axis per domain (the share of the stage's
+  gain in eval loss each rank keeps, ``train.rank_curve``), mean ± std over seeds.
 
 Without matplotlib nothing is drawn and one line says so. Figures are built
 with matplotlib's object API (no pyplot, no global backend switch).
@@ -150,6 +152,35 @@ def plot_comparison(table, columns, path, echo=print):
             ax.set_ylim(max(0.0, low - pad), high + pad)
     seeds = {len(table[v][next(iter(columns))]["values"]) for v in variants}
     fig.suptitle(f"variants: mean ± std over {'/'.join(map(str, sorted(seeds)))} seeds", y=1.02)
+    return _save(fig, path)
+
+
+def plot_rank_curves(table, domains, path, echo=print):
+    """Gain kept (loss) against rank, one panel per domain, one line per variant: table is ``aggregate``'s,
+    whose rows hold gain_<domain>_r<rank> columns (``summary.curve_summary``)."""
+    if not have_matplotlib():
+        if echo is not None:
+            echo(NO_MATPLOTLIB)
+        return None
+    fig = _figure(1.0 + 4.2 * len(domains), 3.6)
+    axes = fig.subplots(1, len(domains), squeeze=False)[0]
+    for ax, domain in zip(axes, domains):
+        prefix = f"gain_{domain}_r"
+        for variant, row in table.items():
+            ranks = sorted(int(key[len(prefix):]) for key in row if key.startswith(prefix))
+            points = [(r, row[f"{prefix}{r}"]) for r in ranks if row[f"{prefix}{r}"]["mean"] is not None]
+            if points:
+                ax.errorbar([r for r, _ in points], [p["mean"] for _, p in points],
+                            yerr=[p["std"] or 0.0 for _, p in points], fmt="o-", capsize=3, label=variant)
+        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank at evaluation")
+        ax.set_ylabel("gain kept (eval loss)")
+        ax.set_title(f"after the stage on {domain}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("share of the full rank's gain each rank keeps: 1 = full rank, 0 = base (dashed)", y=1.02)
     return _save(fig, path)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from hybrid_lora import __version__
 from hybrid_lora.experiments.data import load_domain
+from hybrid_lora.experiments.summary import curve_summary
 from hybrid_lora.io.adapter_files import save_adapter
 from hybrid_lora.io.atomic import read_json, write_json
 from hybrid_lora.io.models import load_tokenizer, resolve_model
@@ -107,6 +108,7 @@ def run_summary(metrics):
         row["bwt"] = metrics["bwt"]
         row["forgetting"] = sum(metrics["forgetting"]) / len(metrics["forgetting"])
         row["loss_change"] = sum(metrics["loss_change"]) / len(metrics["loss_change"])
+    row.update(curve_summary(metrics))
     row["wall_seconds"] = metrics["wall_seconds"]
     return row
 

@@ -14,6 +14,12 @@ From the accuracy matrices R[t][i] (accuracy on domain i after stage t) each run
     forgetting        mean_{i<T-1} max_{i<=t<T-1} R[t][i] - R[T-1][i]  (Chaudhry et al., 2018)
     new-domain acc    mean_{t>=1} R[t][t]: what each later stage learned, where the regularisers act
 
+and, from each stage's rank-quality curve (``train.rank_curve``: the share of the stage's gain in eval
+loss that each lower rank keeps),
+
+    rank AURAC        mean over stages of the curve's area over log2 rank (1: every rank as good as the final)
+    worst rank        min over stages and swept ranks of the gain kept (< 0: a rank worse than the base)
+
 and the study reports each as mean ± std over seeds. Methods are compared on the plane of forgetting
 against new-domain accuracy (Biderman et al., 2024, "LoRA Learns Less and Forgets Less"): any method
 that learns less also forgets less, so a regulariser is better only if it forgets less at the same
@@ -25,6 +31,7 @@ from pathlib import Path
 
 from hybrid_lora.experiments.summary import cell, mean_std
 from hybrid_lora.io.atomic import read_json, write_json, write_text
+from hybrid_lora.train.rank_curve import rank_curves
 
 ORDERS = {
     "a-b-c": ("embedded-a", "embedded-b", "embedded-c"),
@@ -110,6 +117,10 @@ class StudyRun:
         return run_folder(out_dir, self.arm, self.order, self.seed)
 
 
+# The ranks every stage is evaluated at besides its final one, for the rank curve: one point in two octaves.
+SWEEP_RANKS = ("1", "4", "16")
+
+
 def run_folder(out_dir, arm, where, seed):
     """The folder of one run: `where` is its order, or for the bound its one domain."""
     return Path(out_dir) / arm / where / f"seed-{seed}"
@@ -118,7 +129,7 @@ def run_folder(out_dir, arm, where, seed):
 def runs(plan, out_dir, runtime=()):
     """Every run of `plan`, bound runs first (they are short); runtime: flags every run gets (device...)."""
     common = ("--train-examples", str(plan.train_examples), "--eval-examples", str(plan.eval_examples),
-              "--sweep-ranks", "--no-plots", "--resume", *runtime)
+              "--sweep-ranks", *SWEEP_RANKS, "--no-plots", "--resume", *runtime)
     out = []
     for arm in plan.arms:
         if arm.role == "bound":
@@ -189,20 +200,48 @@ def collect(plan, out_dir):
     return found
 
 
+def curve_scores(metrics):
+    """The rank AURAC and the worst rank's gain kept of one run (see the module docstring); None without
+    a sweep."""
+    curves = rank_curves(metrics)
+    aurac = [c["loss_aurac"] for c in curves]
+    worst = [c["loss_worst_gain_kept"] for c in curves]
+    return {"rank_aurac": sum(aurac) / len(aurac) if curves and None not in aurac else None,
+            "worst_rank_gain": min(worst) if curves and None not in worst else None}
+
+
+def collect_curves(plan, out_dir):
+    """{arm: {order: {seed: curve_scores}}} of the finished runs under out_dir (the bound has none)."""
+    found = {}
+    for arm in plan.arms:
+        if arm.role == "bound":
+            continue
+        for order in plan.orders if arm.every_order else plan.orders[:1]:
+            for seed in plan.seeds:
+                path = run_folder(out_dir, arm.name, order, seed) / "metrics.json"
+                if path.is_file():
+                    found.setdefault(arm.name, {}).setdefault(order, {})[seed] = curve_scores(read_json(path))
+    return found
+
+
 SCORES = ("average_accuracy", "bwt", "forgetting", "new_accuracy")
+CURVE_SCORES = ("rank_aurac", "worst_rank_gain")
 
 
-def summarise(plan, matrices):
-    """Per arm and order: mean ± std over seeds of every score, and the mean R matrix."""
+def summarise(plan, matrices, curves=None):
+    """Per arm and order: mean ± std over seeds of every score (and of the curve scores, from ``collect_curves``),
+    and the mean R matrix."""
     table = {}
     for arm, by_order in matrices.items():
         for order, by_seed in by_order.items():
             scores = [run_scores(m) for m in by_seed.values()]
             T = len(ORDERS[order])
             mean_r = [[mean_std([m[t][i] for m in by_seed.values()])["mean"] for i in range(T)] for t in range(T)]
+            by_curve = list(((curves or {}).get(arm, {}).get(order) or {}).values())
             table.setdefault(arm, {})[order] = {
                 "role": plan.arm(arm).role, "seeds": sorted(by_seed),
                 **{key: mean_std([s[key] for s in scores]) for key in SCORES},
+                **{key: mean_std([c[key] for c in by_curve]) for key in CURVE_SCORES},
                 "accuracy": mean_r,
             }
     return table
@@ -216,13 +255,15 @@ def markdown(plan, table):
         if not arms:
             continue
         lines += [f"#### Order {' -> '.join(ORDERS[order])}", "",
-                  "| arm | role | run as | seeds | average accuracy | BWT | forgetting | new-domain accuracy |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| arm | role | run as | seeds | average accuracy | BWT | forgetting | new-domain accuracy | "
+                  "rank AURAC | worst rank's gain kept |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             row = table[arm.name][order]
             settings = f"`{' '.join(arm.flags)}`" if arm.flags else "defaults"
+            empty = {"mean": None}  # a table written before the curve scores existed
             lines.append(f"| {arm.name} | {arm.role} | `--variant {arm.variant}` {settings} | {len(row['seeds'])} | "
-                         + " | ".join(cell(row[key]) for key in SCORES) + " |")
+                         + " | ".join(cell(row.get(key, empty)) for key in SCORES + CURVE_SCORES) + " |")
         lines.append("")
     for order in plan.orders:
         for arm in plan.arms:
@@ -255,7 +296,7 @@ def pareto_points(plan, table):
 def write_summary(plan, out_dir, plot=True, echo=print):
     """study.json, study.md and (with matplotlib) pareto.png in out_dir, from the runs finished there."""
     out_dir = Path(out_dir)
-    table = summarise(plan, collect(plan, out_dir))
+    table = summarise(plan, collect(plan, out_dir), collect_curves(plan, out_dir))
     text = markdown(plan, table)
     write_json(out_dir / "study.json", {"plan": plan.name, "orders": {k: ORDERS[k] for k in plan.orders},
                                         "seeds": list(plan.seeds), "train_examples": plan.train_examples,

@@ -15,18 +15,38 @@ layers' runtime rank, with no copy of the adapter; with the ``fixed`` scale
 rule (``scaling``) the rank-b adapter is exactly the leading part of the
 rank-r one.
 
+Two more samplers train every prefix 1..r (the nested one leaves the ranks
+below r/4 untrained):
+
+- 'log-uniform' draws b = floor(exp(u)) with u ~ Uniform[0, ln(r + 1)), so
+  P(b) = ln((b + 1) / b) / ln(r + 1): each octave [2^k, 2^(k+1)) of ranks
+  gets the same share of the steps (exactly when r + 1 is a power of two),
+  where 'full' gives the top octave half of them. All b components train, as in 'full'.
+- 'multi-rank' draws nothing: every step trains at each rank of
+  ``doubling_ranks(r)`` = {1, 2, 4, ..., r} and its loss is the mean of the
+  CE losses at those ranks, as Matryoshka representations (Kusupati et al.,
+  NeurIPS 2022, "Matryoshka Representation Learning") sum the loss over nested
+  sizes at every step. The mean is the sum scaled by 1 / len(ranks): AdamW's
+  update does not depend on the loss's scale (but for its eps), and the
+  regularisers keep the weight they have in the one-rank modes. A step costs len(ranks) forward and backward passes
+  (7 at r = 64).
+
+'full' is the uniform sampler: b ~ Uniform{1..r}, DyLoRA's own draw, with
+every component up to b trained.
+
 A rank schedule cuts the adapter at the start of an epoch: ``truncate_adapters``
 keeps the leading components and the optimizer state that belongs to them, so
 AdamW's moments survive the cut (an option resets them, for comparison).
 """
 
+import math
 from contextlib import contextmanager
 
 import torch
 
 from hybrid_lora.nn.layer import check_rank
 
-DYLORA_MODES = ("off", "frozen", "full", "nested")
+DYLORA_MODES = ("off", "frozen", "full", "nested", "log-uniform", "multi-rank")
 NESTED_DIVISORS = (1, 2, 4)  # nested mode trains the ranks r // d
 
 
@@ -66,6 +86,14 @@ class RankSampler:
         ranks = nested_ranks(rank)
         return ranks[int(torch.randint(0, len(ranks), (1,), generator=self.generator))]
 
+    def sample_log_uniform(self, rank):
+        """b in 1..rank with P(b) = ln((b + 1) / b) / ln(rank + 1): floor(exp(u)), u ~ Uniform[0, ln(rank + 1))."""
+        if rank < 1:
+            raise ValueError(f"RankSampler.sample_log_uniform: rank {rank}; expected >= 1")
+        u = float(torch.rand((1,), generator=self.generator, dtype=torch.float64))
+        # min/max: exp of a float64 product may round past the ends of 1..rank
+        return min(rank, max(1, math.floor(math.exp(u * math.log(rank + 1)))))
+
 
 def nested_ranks(rank):
     """The ranks nested mode trains at current rank r: r // d for d in NESTED_DIVISORS, at least 1, distinct,
@@ -75,13 +103,32 @@ def nested_ranks(rank):
     return tuple(sorted({max(1, rank // d) for d in NESTED_DIVISORS}))
 
 
+def doubling_ranks(rank):
+    """1, 2, 4, ... up to `rank`, and `rank` itself: (1, 2, 4, 8, 16, 32, 64) for 64; (1, 2, 4, 6) for 6."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"doubling_ranks: rank {rank!r}; expected an integer >= 1")
+    return tuple(sorted({1 << k for k in range(rank.bit_length())} | {rank}))
+
+
 def step_rank(mode, sampler, rank):
-    """The rank one training step runs at, for DyLoRA `mode` at current rank `rank`."""
+    """The rank one training step runs at, for a one-rank DyLoRA `mode` at current rank `rank`."""
     if mode == "off":
         return rank
     if mode == "nested":
         return sampler.sample_nested(rank)
+    if mode == "log-uniform":
+        return sampler.sample_log_uniform(rank)
+    if mode == "multi-rank":
+        raise ValueError("step_rank: 'multi-rank' trains several ranks per step; expected step_ranks for it")
     return sampler.sample(rank)
+
+
+def step_ranks(mode, sampler, rank):
+    """The ranks one training step runs at, whose CE losses it averages: ``doubling_ranks(rank)`` for
+    'multi-rank', else the one rank ``step_rank`` draws."""
+    if mode == "multi-rank":
+        return doubling_ranks(rank)
+    return (step_rank(mode, sampler, rank),)
 
 
 @contextmanager

@@ -47,11 +47,12 @@ from hybrid_lora.train.checkpoint import optimizer_from_checkpoint
 from hybrid_lora.train.checkpointer import Checkpointer
 from hybrid_lora.train.compiled import compiled_model, loss_function
 from hybrid_lora.train.config import TrainConfig, autocast_context, resolved_dtype
-from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, freeze_leading_grads, scheduled_rank,
-                                            step_rank, truncate_adapters)
+from hybrid_lora.train.dynamic_rank import (RankSampler, active_rank, doubling_ranks, freeze_leading_grads,
+                                            scheduled_rank, step_ranks, truncate_adapters)
 from hybrid_lora.train.ewc import ewc_penalty, fisher_anchor
 from hybrid_lora.train.metrics import backward_transfer, evaluate, final_minus_own, move_batch, retention
 from hybrid_lora.train.nonfinite import NonFiniteGuard, check_applied, check_evaluation, fused_adamw_supported
+from hybrid_lora.train.rank_curve import rank_curves
 from hybrid_lora.train.regularizers import DC_MODES, l2_to_previous, order_penalty, snapshot_adapters
 from hybrid_lora.train.replay import with_replay
 from hybrid_lora.train.state import EpochTotals, TrainingState
@@ -125,28 +126,33 @@ def _regularizer(stage):
 def _train_step(model, micro_batches, stage, totals):
     """One optimizer step over `micro_batches` (1..grad_accum of them), each CE weighted 1 / their number.
 
-    One DyLoRA rank is drawn per optimizer step, as for one large batch; the
-    regularisers do not depend on the data and are added once.
+    One DyLoRA rank is drawn per optimizer step, as for one large batch
+    ('multi-rank' runs every micro-batch at each of its ranks, each CE weighted
+    1 / the number of ranks too); the regularisers do not depend on the data
+    and are added once.
     """
     config, layers, parallel = stage.config, stage.layers, stage.parallel
     rank = layers[0].rank
-    sampled = step_rank(config.dylora, stage.sampler, rank)
+    ranks = step_ranks(config.dylora, stage.sampler, rank)
     step_ce = None
-    with active_rank(layers, sampled):
-        for i, batch in enumerate(micro_batches):
-            if "first_example" in batch:  # this process's shard: dropout masks of the global micro-batch's rows
-                for layer in layers:
-                    layer.set_dropout_row_offset(batch["first_example"] * batch["input_ids"].shape[1])
-            # With several processes, gradients are averaged once per step, after the last micro-batch.
-            with parallel.sync_gradients(model, i == len(micro_batches) - 1):
-                with autocast_context(stage.device, resolved_dtype(config, stage.device)):
-                    ce, tokens = stage.loss(model, batch)
-                    ce = ce / len(micro_batches)
-                parallel.backward(ce)
-            step_ce = ce.detach() if step_ce is None else step_ce + ce.detach()
-            totals.tokens += tokens
+    last = (len(ranks) - 1, len(micro_batches) - 1)
+    for j, sampled in enumerate(ranks):
+        with active_rank(layers, sampled):
+            for i, batch in enumerate(micro_batches):
+                if "first_example" in batch:  # this process's shard: dropout masks of the global micro-batch's rows
+                    for layer in layers:
+                        layer.set_dropout_row_offset(batch["first_example"] * batch["input_ids"].shape[1])
+                # With several processes, gradients are averaged once per step, after the last backward.
+                with parallel.sync_gradients(model, (j, i) == last):
+                    with autocast_context(stage.device, resolved_dtype(config, stage.device)):
+                        ce, tokens = stage.loss(model, batch)
+                        ce = ce / (len(micro_batches) * len(ranks))
+                    parallel.backward(ce)
+                step_ce = ce.detach() if step_ce is None else step_ce + ce.detach()
+                if j == 0:  # the step's data, counted once whatever the number of ranks
+                    totals.tokens += tokens
     if config.dylora == "frozen":
-        freeze_leading_grads(layers, sampled)
+        freeze_leading_grads(layers, ranks[0])
     # The regularisers see the whole adapter at the scheduled rank, and their
     # gradient is not masked: DyLoRA's detaching applies to the sampled forward only.
     regularizer, order, dc = _regularizer(stage)
@@ -338,7 +344,7 @@ def train_stage(model, domain, config, *, stage=0, snapshot=None, log=None, stat
 
 def default_sweep_ranks(rank):
     """1, 2, 4, ... up to `rank`, and `rank` itself."""
-    return tuple(sorted({1 << k for k in range(rank.bit_length())} | {rank}))
+    return doubling_ranks(rank)
 
 
 def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=False):
@@ -358,7 +364,8 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
     Returns a JSON-ready dict: "initial" (each domain before training),
     "accuracy" and "loss" (T x T, [stage][domain]), "retention",
     "loss_change" (final minus own-stage loss of each earlier domain),
-    "bwt" (of accuracy), "rank_sweep" and "history" (step, epoch and rank rows).
+    "bwt" (of accuracy), "rank_sweep", "rank_curve" (each swept rank's share of the stage's gain, and the
+    AURAC: ``rank_curve``) and "history" (step, epoch and rank rows).
     """
     domains = [_as_domain(d) for d in domains]
     if not domains:
@@ -400,7 +407,7 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
             if r <= rank:
                 with active_rank(layers, r):
                     sweep[r] = _evaluate(model, eval_loaders[t], device, config)
-        state.rank_sweep.append({"stage": t, "domain": domains[t].name, "by_rank": sweep})
+        state.rank_sweep.append({"stage": t, "domain": domains[t].name, "rank": rank, "by_rank": sweep})
         if (config.lambda_dc > 0 or config.lambda_l2 > 0) and t + 1 < len(domains):
             state.snapshot = snapshot_adapters(layers)
         if config.lambda_ewc > 0 and t + 1 < len(domains):
@@ -411,7 +418,7 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
         if state.checkpointer is not None:
             state.checkpointer.save(state, None)
 
-    return {
+    result = {
         "config": dataclasses.asdict(config),
         "domains": [d.name for d in domains],
         "device": str(device),
@@ -424,3 +431,5 @@ def run_continual(model, domains, config, log=None, checkpoint_dir=None, resume=
         "rank_sweep": state.rank_sweep,
         "history": state.history,
     }
+    result["rank_curve"] = rank_curves(result)
+    return result
