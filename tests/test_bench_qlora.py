@@ -8,13 +8,6 @@ pytest.importorskip("peft")
 
 from bench import qlora  # noqa: E402
 
-from hybrid_lora.ops import backend  # noqa: E402
-
-
-@pytest.fixture
-def torch_path(monkeypatch):
-    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
-    backend.refresh()
 
 
 def test_providers_compute_the_same_layer(torch_path):

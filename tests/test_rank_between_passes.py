@@ -9,7 +9,7 @@ backward: each backward must use the values its own forward read, although
 import pytest
 import torch
 
-from hybrid_lora import LoRALinear
+from hybrid_lora import LoRALinear, reference
 
 IN, OUT, R_MAX = 24, 20, 8
 RANKS = (8, 3)
@@ -69,18 +69,39 @@ def test_summed_losses_of_two_ranks_give_the_sum_of_separate_gradients(path, dro
     assert want[1][:, 3:].abs().max() > 0.1
 
 
-@pytest.mark.parametrize("path", ["triton", "torch"])
-def test_double_backward_raises_one_clear_line(path, monkeypatch):
+@pytest.mark.parametrize("path, dtype", [("triton", torch.float32), ("torch", torch.float16)])
+def test_double_backward_raises_one_clear_line_on_the_kernels_and_in_fp16(path, dtype, monkeypatch):
     monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
-    layer = make_layer(0.0)
-    x = inputs()[0].requires_grad_()
+    layer = make_layer(0.0).to(dtype)
+    x = inputs()[0].to(dtype).requires_grad_()
     y = layer(x)
     one_line = r"^fused_lora: double backward \(a backward with create_graph=True[^\n]* is not supported$"
     with pytest.raises(RuntimeError, match=one_line):
-        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
     # A plain backward of the same graph still runs.
-    layer(x).sum().backward()
+    layer(x).float().sum().backward()
     assert x.grad is not None and torch.isfinite(layer.lora_a.grad).all()
+
+
+def test_double_backward_on_the_pytorch_path_equals_the_reference(monkeypatch):
+    """A gradient penalty through the layer: bf16, fp32 and fp64 run autograd's own backward there."""
+    monkeypatch.setenv("HYBRID_LORA_BACKEND", "torch")
+    layer = make_layer(0.0)
+    layer.set_rank(5)
+    x = inputs()[0].requires_grad_()
+    penalty = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)[0].square().sum()
+    penalty.backward()
+
+    a = layer.lora_a.detach().double().requires_grad_()
+    b = layer.lora_b.detach().double().requires_grad_()
+    x64 = x.detach().double().reshape(-1, IN).requires_grad_()
+    y64, _ = reference.lora_forward(x64, layer.frozen_weight().detach().double(), layer.bias.detach().double(),
+                                    a, b, 5, layer.scale)
+    want = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)[0].square().sum()
+    want_a, want_b = torch.autograd.grad(want, (a, b))
+    torch.testing.assert_close(layer.lora_a.grad.double(), want_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.lora_b.grad.double(), want_b, rtol=1e-4, atol=1e-4)
+    assert want_a[:, 5:].abs().max() == 0 and want_a[:, :5].abs().max() > 0
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from hybrid_lora.ops.backend import chosen_backend
-from hybrid_lora.ops.torch_path import TorchPath
+from hybrid_lora.ops.torch_path import torch_path_op
 from hybrid_lora.ops.torch_path import refuse_double_backward as _refuse_double_backward
 
 # Sets: a membership test hashes once instead of comparing with each in turn.
@@ -313,7 +313,7 @@ def fused_lora(x, weight, bias, lora_a, lora_b, *, rank, scale, dropout_p=0.0, s
     flat = x.dim() == 2
     x2d = x if flat else x.reshape(-1, x.shape[-1])
     if backend == "torch":
-        op = TorchPath.apply
+        op = torch_path_op(x.dtype)
         if dropout_p == 0.0:  # the seed is then the rank tensor, and Dynamo cannot trace an autograd.Function
             seed = None       # given one tensor twice; without dropout the path never reads it
     else:  # a constant to Dynamo: a traced call records the custom op

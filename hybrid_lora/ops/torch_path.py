@@ -31,6 +31,14 @@ which it cannot recompute. The dropout mask is the kernels' Philox mask
 (``philox.keep_mask``, equal to ``reference.philox_keep_mask``), computed from the seed tensor on the device,
 so no generator object and no host read enters a graph, and both paths drop
 the same elements for the same seed.
+
+Only fp16 needs the hand-written backward (``TorchPath``): bf16, fp32 and
+fp64 hold s dY B^T with room to spare. They run ``composite``, the same
+forward under autograd's own backward, because a Python autograd.Function
+costs about 30 us of host time per call on the CPU, where this path is the
+default: enough to make a small layer slower than peft's. Autograd's backward
+is itself differentiable, so there a double backward (a gradient penalty)
+works; the kernels and fp16 refuse it in one line.
 """
 
 from typing import Optional
@@ -66,15 +74,43 @@ def _scalar_copies_fake(rank, scale, row_offset):
     return rank.new_empty(()), scale.new_empty(()), (row_offset if row_offset is not None else rank).new_empty(())
 
 
+def _snapshot(rank, scale, row_offset):
+    """rank, scale, row_offset, copied by an opaque op while compiling (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        rank, scale, offset = scalar_copies(rank, scale, row_offset)
+        row_offset = offset if row_offset is not None else None
+    return rank, scale, row_offset
+
+
+def composite(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
+    """The forward of ``TorchPath`` for bf16, fp32 and fp64 x, differentiated by autograd itself."""
+    dtype = x.dtype
+    rank, scale, row_offset = _snapshot(rank, scale, row_offset)
+    coef = torch.lt(torch.arange(lora_a.shape[1], device=rank.device), rank).to(lora_b.dtype) * scale
+    b_scaled = lora_b * coef.unsqueeze(1)
+    if b_scaled.dtype != dtype:  # a .to() that changes nothing is still a dispatch
+        lora_a, b_scaled = lora_a.to(dtype), b_scaled.to(dtype)
+    if dropout_p > 0.0:
+        keep = philox.keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
+        s_down = torch.mm(reference.dropout_input(x, keep, dropout_p), lora_a)
+    else:
+        s_down = torch.mm(x, lora_a)
+    y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
+    return torch.addmm(y, s_down, b_scaled)
+
+
+def torch_path_op(dtype):
+    """The PyTorch path for x of `dtype`: ``TorchPath.apply`` for fp16, ``composite`` otherwise."""
+    return TorchPath.apply if dtype == torch.float16 else composite
+
+
 class TorchPath(torch.autograd.Function):
     """fused_lora's PyTorch path (see the module docstring); rank, scale, seed, row_offset are 0-d device tensors."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
         dtype = x.dtype
-        if torch.compiler.is_compiling():  # see the module docstring
-            rank, scale, offset = scalar_copies(rank, scale, row_offset)
-            row_offset = offset if row_offset is not None else None
+        rank, scale, row_offset = _snapshot(rank, scale, row_offset)
         # c in B's dtype: a 0-d scale does not promote it.
         coef = torch.lt(torch.arange(lora_a.shape[1], device=rank.device), rank).to(lora_b.dtype) * scale
         b_scaled = lora_b * coef.unsqueeze(1)
