@@ -14,7 +14,8 @@ from helpers import assert_close  # noqa: E402
 from test_fp16_range import RANK2, SCALE, outlier_gradient_inputs  # noqa: E402
 from test_fused_lora import reference_outputs  # noqa: E402
 from test_qlora_op import make_inputs, quantized_weight  # noqa: E402
-from test_rank_between_passes import IN, OUT, R_MAX, RANKS, gradients, inputs, loss_at  # noqa: E402
+from test_rank_between_passes import (IN, OUT, R_MAX, RANKS, assert_gradients_equal, gradients,  # noqa: E402
+                                      inputs, loss_at)
 from test_strided_inputs import strided  # noqa: E402
 
 from hybrid_lora.kernels.dropout import dropout_keep_mask  # noqa: E402
@@ -75,11 +76,6 @@ def separate_gradients(dropout):
     # Rank 8 reached every component, so the sum is not rank 3's gradient alone.
     assert want[1][:, 3:].abs().max() > 0.1
     return x, targets, want
-
-
-def assert_gradients_equal(got, want):
-    for name, g, w in zip(("x", "lora_a", "lora_b"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

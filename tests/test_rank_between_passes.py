@@ -44,27 +44,34 @@ def gradients(layer, x):
     return [t.grad.clone() for t in (x, layer.lora_a, layer.lora_b)]
 
 
+def separate_gradients(dropout, x, targets):
+    """(dx, dA, dB) of one backward per rank, each right after its own forward."""
+    layer = make_layer(dropout)
+    x_sep = x.clone().requires_grad_()
+    for step, (rank, target) in enumerate(zip(RANKS, targets)):
+        loss_at(layer, x_sep, target, rank, step).backward()
+    return gradients(layer, x_sep)
+
+
+def assert_gradients_equal(got, want):
+    for name, g, w in zip(("x", "lora_a", "lora_b"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("path", ["triton", "torch"])
 def test_summed_losses_of_two_ranks_give_the_sum_of_separate_gradients(path, dropout, monkeypatch):
     monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
     x, targets = inputs()
 
-    layer = make_layer(dropout)
-    x_sep = x.clone().requires_grad_()
-    for step, (rank, target) in enumerate(zip(RANKS, targets)):
-        loss_at(layer, x_sep, target, rank, step).backward()
-    want = gradients(layer, x_sep)
+    want = separate_gradients(dropout, x, targets)
 
     layer = make_layer(dropout)
     x_sum = x.clone().requires_grad_()
     total = sum(loss_at(layer, x_sum, target, rank, step) for step, (rank, target) in enumerate(zip(RANKS, targets)))
     assert layer.rank == RANKS[-1]  # the layer's tensors now hold the last rank and row offset
     total.backward()
-    got = gradients(layer, x_sum)
-
-    for name, g, w in zip(("x", "lora_a", "lora_b"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert_gradients_equal(gradients(layer, x_sum), want)
     # Rank 8 reached every component, so the sum is not rank 3's gradient alone.
     assert want[1][:, 3:].abs().max() > 0.1
 
@@ -111,11 +118,7 @@ def test_compiled_summed_losses_of_two_ranks_in_one_graph(path, dropout, monkeyp
 
     monkeypatch.setenv("HYBRID_LORA_BACKEND", path)
     x, targets = inputs()
-    layer = make_layer(dropout)
-    x_sep = x.clone().requires_grad_()
-    for step, (rank, target) in enumerate(zip(RANKS, targets)):
-        loss_at(layer, x_sep, target, rank, step).backward()
-    want = gradients(layer, x_sep)
+    want = separate_gradients(dropout, x, targets)
 
     layer = make_layer(dropout)
     counter = CompileCounterWithBackend("aot_eager")
@@ -124,5 +127,4 @@ def test_compiled_summed_losses_of_two_ranks_in_one_graph(path, dropout, monkeyp
     total = sum(loss_at(compiled, x_sum, target, rank, step) for step, (rank, target) in enumerate(zip(RANKS, targets)))
     total.backward()
     assert counter.frame_count == 1  # one graph for both ranks
-    for name, g, w in zip(("x", "lora_a", "lora_b"), gradients(layer, x_sum), want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert_gradients_equal(gradients(layer, x_sum), want)
