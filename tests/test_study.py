@@ -7,6 +7,7 @@ import pytest
 from hybrid_lora.cli import main
 from hybrid_lora.experiments import device_pool, study
 from hybrid_lora.io.atomic import read_json
+from hybrid_lora.train.dynamic_rank import DYLORA_MODES
 
 
 def test_scores_of_an_accuracy_matrix():
@@ -48,6 +49,21 @@ def test_the_full_plan_runs_every_arm_on_its_orders_and_the_bound_once_per_domai
     argv = list(hybrid.argv)
     assert argv[argv.index("--domains") + 1:argv.index("--domains") + 4] == list(study.ORDERS["c-b-a"])
     assert "--resume" in argv and argv[-2:] == ["--device", "cpu"]
+
+
+def test_the_samplers_plan_runs_every_dylora_mode_at_the_quick_studys_size(tmp_path):
+    plan, quick = study.PLANS["samplers"], study.PLANS["quick"]
+    assert (plan.orders, plan.train_examples, plan.eval_examples) == (quick.orders, quick.train_examples,
+                                                                      quick.eval_examples)
+    todo = study.runs(plan, tmp_path)
+    assert len(todo) == len(plan.arms) * 3
+    modes = {}
+    for run in todo:
+        argv = list(run.argv)
+        modes[run.arm] = argv[argv.index("--dylora") + 1] if "--dylora" in argv else None
+    assert modes == {"hybrid": None, "hybrid-full": "full", "hybrid-log-uniform": "log-uniform",
+                     "hybrid-multi-rank": "multi-rank", "lora_only": None}
+    assert set(modes.values()) - {None} == set(DYLORA_MODES) - {"off", "nested", "frozen"}
 
 
 class _InProcess:

@@ -45,7 +45,8 @@ class Arm:
     """One line of the study. flags: ``train`` flags on top of the variant's settings."""
     name: str
     variant: str
-    role: str  # "method", "baseline", "reference" (stores old data), "bound", "sweep" or "ablation"
+    role: str  # "method", "baseline", "reference" (stores old data), "bound", "sweep", "ablation"
+    # or "sampler" (a --dylora mode of the method)
     flags: tuple = ()
     every_order: bool = True  # False: the first order only (sweeps and ablations)
 
@@ -95,10 +96,20 @@ ABLATION_ARMS = (
     Arm("hybrid-no-dc", "dy_only", "ablation", (), False),
 )
 
+# The rank samplers of ``--dylora`` (train.dynamic_rank) on the hybrid, against the default (nested) and
+# lora_only: the same tokens per run, so that the rank curve and the continual scores compare at matched data.
+SAMPLER_ARMS = (
+    Arm("hybrid", "hybrid", "method"),
+    *(Arm(f"hybrid-{mode}", "hybrid", "sampler", ("--dylora", mode)) for mode in ("full", "log-uniform", "multi-rank")),
+    Arm("lora_only", "lora_only", "baseline"),
+)
+
 PLANS = {
     "full": Plan("full", MAIN_ARMS + SWEEP_ARMS + ABLATION_ARMS, ("a-b-c", "c-b-a"), (42, 43, 44), 600, 300),
     # The main arms on one order and seed, at the full plan's size: its numbers are the full plan's runs.
     "quick": Plan("quick", MAIN_ARMS, ("a-b-c",), (42,), 600, 300),
+    # The quick study's order and size, one arm per rank sampler, three seeds.
+    "samplers": Plan("samplers", SAMPLER_ARMS, ("a-b-c",), (42, 43, 44), 600, 300),
 }
 
 
