@@ -17,7 +17,7 @@ from test_trainer import adapter_tensors, rule_domain, tiny_lora_model
 
 # Upper 0.1 % points of the chi-square distribution (any statistics table): a correct sampler fails one
 # test in a thousand seeds, and the seeds here are fixed.
-CHI2_999 = {2: 13.816, 4: 18.467, 15: 37.697}
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 6: 22.458, 15: 37.697}
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def chi_square(draws, probabilities):
     return sum((draws.count(b) - n * p) ** 2 / (n * p) for b, p in probabilities.items())
 
 
-@pytest.mark.parametrize("mode", ["full", "frozen", "nested", "log-uniform", "off"])
+@pytest.mark.parametrize("mode", ["full", "frozen", "nested", "log-uniform", "doubling", "off"])
 @pytest.mark.parametrize("rank", [1, 2, 6, 64])
 def test_every_sampler_draws_only_ranks_in_one_to_r(mode, rank):
     sampler = RankSampler(seed=rank)
@@ -52,6 +52,9 @@ def test_every_sampler_draws_only_ranks_in_one_to_r(mode, rank):
     ("log-uniform", 16, log_uniform_probabilities(16)),
     ("log-uniform", 5, log_uniform_probabilities(5)),
     ("nested", 64, {16: 1 / 3, 32: 1 / 3, 64: 1 / 3}),
+    ("doubling", 64, {64: 1 / 3, **{b: 1 / 9 for b in (1, 2, 4, 8, 16, 32)}}),
+    ("doubling", 6, {6: 1 / 3, 1: 2 / 9, 2: 2 / 9, 4: 2 / 9}),
+    ("doubling", 2, {2: 1 / 3, 1: 2 / 3}),
 ])
 def test_each_sampler_draws_as_its_definition_says(mode, rank, probabilities):
     sampler = RankSampler(seed=11)
@@ -130,7 +133,7 @@ def test_the_multi_rank_step_gradient_is_the_mean_of_the_single_rank_gradients()
     assert all(layer.rank == r_max for layer in layers)
 
 
-@pytest.mark.parametrize("mode", ["full", "log-uniform", "nested", "multi-rank"])
+@pytest.mark.parametrize("mode", ["full", "log-uniform", "nested", "multi-rank", "doubling"])
 def test_a_run_stopped_mid_stage_resumes_bit_identical_with_each_sampler(tmp_path, mode):
     """Stopped by an error after step 5 of 12 (its checkpoint written), resumed: the same history and adapters
     as a run never stopped. The sampler's generator travels in the checkpoint; a fresh one would draw again

@@ -61,9 +61,9 @@ def test_the_samplers_plan_runs_every_dylora_mode_at_the_quick_studys_size(tmp_p
     for run in todo:
         argv = list(run.argv)
         modes[run.arm] = argv[argv.index("--dylora") + 1] if "--dylora" in argv else None
-    assert modes == {"hybrid": None, "hybrid-full": "full", "hybrid-log-uniform": "log-uniform",
-                     "hybrid-multi-rank": "multi-rank", "lora_only": None}
-    assert set(modes.values()) - {None} == set(DYLORA_MODES) - {"off", "nested", "frozen"}
+    assert modes == {"hybrid-nested": "nested", "hybrid-full": "full", "hybrid-log-uniform": "log-uniform",
+                     "hybrid-multi-rank": "multi-rank", "hybrid-doubling": "doubling", "lora_only": None}
+    assert set(modes.values()) - {None} == set(DYLORA_MODES) - {"off", "frozen"}
 
 
 class _InProcess:

@@ -96,11 +96,11 @@ ABLATION_ARMS = (
     Arm("hybrid-no-dc", "dy_only", "ablation", (), False),
 )
 
-# The rank samplers of ``--dylora`` (train.dynamic_rank) on the hybrid, against the default (nested) and
-# lora_only: the same tokens per run, so that the rank curve and the continual scores compare at matched data.
+# The rank samplers of ``--dylora`` (train.dynamic_rank) on the hybrid, each named, and lora_only: the same
+# tokens per run, so that the rank curve and the continual scores compare at matched data.
+SAMPLERS = ("nested", "full", "log-uniform", "multi-rank", "doubling")
 SAMPLER_ARMS = (
-    Arm("hybrid", "hybrid", "method"),
-    *(Arm(f"hybrid-{mode}", "hybrid", "sampler", ("--dylora", mode)) for mode in ("full", "log-uniform", "multi-rank")),
+    *(Arm(f"hybrid-{mode}", "hybrid", "sampler", ("--dylora", mode)) for mode in SAMPLERS),
     Arm("lora_only", "lora_only", "baseline"),
 )
 

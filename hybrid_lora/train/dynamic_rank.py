@@ -30,6 +30,13 @@ below r/4 untrained):
   update does not depend on the loss's scale (but for its eps), and the
   regularisers keep the weight they have in the one-rank modes. A step costs len(ranks) forward and backward passes
   (7 at r = 64).
+- 'doubling' is multi-rank at the compute of one pass: each step draws one
+  rank of ``doubling_ranks(r)`` and trains all b components, so over the steps
+  every served rank is trained as itself, as Matryoshka's summed loss trains
+  each nested size. r is drawn at one step in three, as often as 'nested'
+  draws it (a top rank drawn rarely learns its domain less: log-uniform draws
+  64 at 2 % of the steps); the other ranks share the rest equally, 1 / 9
+  each at r = 64.
 
 'full' is the uniform sampler: b ~ Uniform{1..r}, DyLoRA's own draw, with
 every component up to b trained.
@@ -46,7 +53,7 @@ import torch
 
 from hybrid_lora.nn.layer import check_rank
 
-DYLORA_MODES = ("off", "frozen", "full", "nested", "log-uniform", "multi-rank")
+DYLORA_MODES = ("off", "frozen", "full", "nested", "log-uniform", "multi-rank", "doubling")
 NESTED_DIVISORS = (1, 2, 4)  # nested mode trains the ranks r // d
 
 
@@ -94,6 +101,16 @@ class RankSampler:
         # min/max: exp of a float64 product may round past the ends of 1..rank
         return min(rank, max(1, math.floor(math.exp(u * math.log(rank + 1)))))
 
+    def sample_doubling(self, rank):
+        """One of ``doubling_ranks(rank)``: `rank` with probability 1/3, each lower one with 2 / (3 (n - 1))."""
+        ranks = doubling_ranks(rank)
+        lower = len(ranks) - 1
+        if lower == 0:
+            return rank
+        # 3 * lower equally likely slots: the first `lower` are the top rank, the other 2 * lower two per rank
+        slot = int(torch.randint(0, 3 * lower, (1,), generator=self.generator))
+        return rank if slot < lower else ranks[(slot - lower) // 2]
+
 
 def nested_ranks(rank):
     """The ranks nested mode trains at current rank r: r // d for d in NESTED_DIVISORS, at least 1, distinct,
@@ -118,6 +135,8 @@ def step_rank(mode, sampler, rank):
         return sampler.sample_nested(rank)
     if mode == "log-uniform":
         return sampler.sample_log_uniform(rank)
+    if mode == "doubling":
+        return sampler.sample_doubling(rank)
     if mode == "multi-rank":
         raise ValueError("step_rank: 'multi-rank' trains several ranks per step; expected step_ranks for it")
     return sampler.sample(rank)
