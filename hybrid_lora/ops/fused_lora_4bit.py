@@ -107,7 +107,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_s, *grad_snapshot):
-    refuse_double_backward()
+    refuse_double_backward("fused_lora_4bit")
     x, s_down, packed, code, absmax, absmax2, code2, offset, lora_a, lora_b, rank, scale, seed, row_offset = \
         ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -144,7 +144,7 @@ class _EagerKernels(torch.autograd.Function):
     def backward(ctx, grad_y):
         from hybrid_lora.kernels.qlora_backward import qlora_backward
 
-        refuse_double_backward()
+        refuse_double_backward("fused_lora_4bit")
         x, s_down, lora_a, lora_b, rank, scale, seed, row_offset = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x, grad_a, grad_b = qlora_backward(grad_y, x, s_down, ctx.quant, lora_a, lora_b, rank, scale,

@@ -47,11 +47,11 @@ import torch
 
 from hybrid_lora.ops import philox, reference
 
-_NO_DOUBLE_BACKWARD = ("fused_lora: double backward (a backward with create_graph=True through the op, as a "
+_NO_DOUBLE_BACKWARD = ("{op}: double backward (a backward with create_graph=True through the op, as a "
                        "gradient penalty takes) is not supported")
 
 
-def refuse_double_backward():
+def refuse_double_backward(op="fused_lora"):
     """Raise one clear line when a backward of the op runs with create_graph=True.
 
     Autograd runs a backward with grad mode on only then; the op's gradients
@@ -59,7 +59,7 @@ def refuse_double_backward():
     derivative through them would be silently zero.
     """
     if torch.is_grad_enabled():
-        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(op=op))
 
 
 @torch.library.custom_op("hybrid_lora::scalar_copies", mutates_args=())
