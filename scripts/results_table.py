@@ -11,31 +11,19 @@ test tests/test_committed_results.py checks that the docs equal what this makes.
 """
 
 import argparse
-import json
 import os
+import sys
 from pathlib import Path
 
-from hybrid_lora.experiments import study
-from hybrid_lora.experiments.summary import cell, mean_std
-from hybrid_lora.io.atomic import write_text
-from hybrid_lora.train.config import TrainConfig
-from hybrid_lora.train.rank_curve import rank_curves
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, however it is loaded
+
+from hybrid_lora.experiments import study  # noqa: E402
+from hybrid_lora.experiments.summary import cell  # noqa: E402
+from hybrid_lora.io.atomic import write_text  # noqa: E402
+from result_files import cpu_seconds, cpu_wall_seconds, label, load  # noqa: E402
+from sampler_tables import ranks_section  # noqa: E402
 
 START, END = "<!-- experiment:start -->", "<!-- experiment:end -->"
-
-
-def load(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def label(path):
-    """The folder as the repository names it (results/...), whatever the current directory."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def run_section(run_dir, rel):
@@ -145,25 +133,6 @@ def _spread(compare_dir, variant):
     return max(values) - min(values), len(values)
 
 
-def _time_report(path):
-    """The fields of a `/usr/bin/time -v` report: {name: value}."""
-    return dict(line.strip().split(": ", 1) for line in Path(path).read_text().splitlines() if ": " in line)
-
-
-def cpu_seconds(path):
-    """User + system seconds from a `/usr/bin/time -v` report, or None if there is none."""
-    if not Path(path).is_file():
-        return None
-    fields = _time_report(path)
-    return float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
-
-
-def cpu_wall_seconds(path):
-    """Elapsed seconds from a `/usr/bin/time -v` report."""
-    clock = _time_report(path)["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
-    return sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock)))
-
-
 def conditions_section(results, base):
     """The plain default run against lora_only, condition by condition."""
     root = Path(results) / "default"
@@ -234,9 +203,10 @@ def sweep_section(results, base):
     return "\n".join(lines)
 
 
-def study_section(results, base):
-    """The continual study's tables, made again from its runs' metrics.json (``hybrid_lora.experiments.study``)."""
-    root = Path(results) / "study"
+def study_section(results, base, folder="study"):
+    """A study's tables, made again from its runs' metrics.json (``hybrid_lora.experiments.study``), and the CPU
+    time of it and of its quick form (``<folder>-quick``) where committed."""
+    root = Path(results) / folder
     if not (root / "study.json").is_file():
         return "No study committed."
     stored = load(root / "study.json")
@@ -246,145 +216,16 @@ def study_section(results, base):
     lines = [f"From `{label(root)}`: {finished} runs, {plan.train_examples} training and "
              f"{plan.eval_examples} eval examples per domain, seeds {', '.join(map(str, plan.seeds))}; "
              "mean ± sample standard deviation over seeds.", "", study.markdown(plan, table)]
-    timings = sorted(Path(results).glob("study*/cpu-time*.txt"),
-                     key=lambda path: (path.parent.name, path.name != "cpu-time.txt"))
-    for path in timings:
-        lines.append(f"`{label(path)}`: {cpu_wall_seconds(path) / 60:.1f} min wall with `--jobs 2` on the 2-core "
-                     f"CPU machine, {cpu_seconds(path) / 60:.1f} min of CPU time (user + system).")
-        lines.append("")
+    for where in (folder, f"{folder}-quick"):
+        path = Path(results) / where / "cpu-time.txt"
+        if path.is_file():
+            jobs = load(path.with_name("command.json"))["argv"]
+            jobs = jobs[jobs.index("--jobs") + 1] if "--jobs" in jobs else "1"
+            lines.append(f"`{label(path)}`: {cpu_wall_seconds(path) / 60:.1f} min wall with `--jobs {jobs}` on the "
+                         f"2-core CPU machine, {cpu_seconds(path) / 60:.1f} min of CPU time (user + system).")
+            lines.append("")
     if (root / "pareto.png").is_file():
         lines.append(f"![forgetting against new-domain accuracy]({os.path.relpath(root, base)}/pareto.png)")
-    return "\n".join(lines)
-
-
-# The samplers compared for the default: today's runs of the default command (results/default/compare) and
-# one folder per --dylora mode under results/rank-sweep; lora_only is the reference for learning and forgetting.
-TABLE_RANKS = (1, 2, 4, 8, 16, 64)
-
-
-def _sampler_runs(results):
-    """[(mode, folder, [metrics of each seed])]: nested from results/default/compare, the others from
-    results/rank-sweep/<mode>."""
-    root = Path(results)
-    found = [("nested", root / "default" / "compare" / "hybrid")]
-    found += [(p.name, p) for p in sorted((root / "rank-sweep").glob("*")) if p.is_dir() and p.name != "nested"]
-    out = []
-    for mode, folder in found:
-        runs = [load(p) for p in sorted(folder.glob("seed-*/metrics.json"))]
-        if runs:
-            out.append((mode, folder, runs))
-    return out
-
-
-def _mean(values):
-    return mean_std(values)["mean"]
-
-
-def _curves(metrics):
-    return rank_curves(metrics)
-
-
-def _rank_cells(runs, stage):
-    """Mean over seeds of the loss and gain kept at TABLE_RANKS after `stage`, as 'loss (gain)' cells."""
-    cells = []
-    for r in TABLE_RANKS:
-        losses, gains = [], []
-        for metrics in runs:
-            curve = _curves(metrics)[stage]
-            if r in curve["ranks"]:
-                i = curve["ranks"].index(r)
-                losses.append(curve["loss"][i])
-                gains.append(curve["loss_gain_kept"][i])
-        cells.append(f"{_mean(losses):.3f} ({_mean(gains):+.2f})" if losses else "-")
-    return cells
-
-
-def ranks_section(results, base):
-    """The rank-quality curve of each sampler, and the default's targets sampler by sampler."""
-    samplers = _sampler_runs(results)
-    lora_only = [load(p) for p in sorted((Path(results) / "default" / "compare" / "lora_only").glob(
-        "seed-*/metrics.json"))]
-    if not samplers or not lora_only:
-        return "No rank sweep committed."
-    default = TrainConfig.dylora
-    initial = samplers[0][2][0]["initial"]
-
-    def title(mode):
-        return f"`{mode}` (default)" if mode == default else f"`{mode}`"
-
-    lines = ["Eval loss at each rank, mean over seeds, with its gain kept in brackets "
-             "((base - at rank r) / (base - at the stage's final rank)); the base model scores "
-             f"{initial[0]['loss']:.3f} on A and {initial[1]['loss']:.3f} on B:", "",
-             "| sampler | seeds | after | " + " | ".join(f"rank {r}" for r in TABLE_RANKS) + " |",
-             "|---|---|---|" + "---|" * len(TABLE_RANKS)]
-    for mode, folder, runs in [*samplers, ("lora_only", None, lora_only)]:
-        for stage, where in ((0, "Stage 1, on A"), (1, "Stage 2, on B")):
-            lines.append(f"| {title(mode)} | {len(runs)} | {where} | " + " | ".join(_rank_cells(runs, stage)) + " |")
-    lines += ["", "What each sampler gives, mean ± std over seeds (gain on B: accuracy after Stage 2 minus the "
-              "base's, "
-              "as a share of lora_only's; forgetting: accuracy on A lost in Stage 2; worst rank: the lowest gain "
-              "kept of any swept rank after either stage, in loss; CPU time: user + system from `/usr/bin/time -v` "
-              "(`cpu-time*.txt`; for nested and lora_only, their seed-42 run in `results/default`); wall time "
-              "on a 2-core machine shared with other jobs, so an upper bound):", "",
-              "| sampler | seeds | top-rank loss A (Stage 1) | top-rank loss B (Stage 2) | gain on B vs lora_only | "
-              "forgetting A | worst rank's gain kept | AURAC A | AURAC B | CPU min per run | wall min per run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def gain_b(m):
-        return m["accuracy"][1][1] - m["initial"][1]["accuracy"]
-
-    def forgetting(m):
-        return m["accuracy"][0][0] - m["accuracy"][1][0]
-
-    def pm(values, digits=4):
-        return cell(mean_std(values), digits)
-
-    reference_gain = _mean([gain_b(m) for m in lora_only])
-    stats = {}
-    for mode, folder, runs in [*samplers, ("lora_only", None, lora_only)]:
-        # The comparison of today's default timed no run; its seed-42 run alone was (results/default/<variant>).
-        timed = folder if folder and folder.parent.name != "compare" else Path(results) / "default" / (
-            "hybrid" if mode == "nested" else mode)
-        cpu = [cpu_seconds(p) for p in sorted(timed.glob("cpu-time*.txt"))]
-        curves = [_curves(m) for m in runs]
-        row = stats[mode] = {
-            "top_a": [m["loss"][0][0] for m in runs], "top_b": [m["loss"][1][1] for m in runs],
-            "gain_b": [gain_b(m) / reference_gain for m in runs], "forgetting": [forgetting(m) for m in runs],
-            "worst": [min(c["loss_worst_gain_kept"] for c in cs) for cs in curves],
-            "above_base": [max(max(c["loss"]) - c["loss_base"] for c in cs) for cs in curves],
-            "r1": [min(c["loss_gain_kept"][0] for c in cs) for cs in curves],
-            "r4": [min(c["loss_gain_kept"][c["ranks"].index(4)] for c in cs) for cs in curves],
-            "aurac_a": [cs[0]["loss_aurac"] for cs in curves], "aurac_b": [cs[1]["loss_aurac"] for cs in curves],
-        }
-        cells = [pm(row["top_a"]), pm(row["top_b"]), pm(row["gain_b"], 2), pm(row["forgetting"]),
-                 pm(row["worst"], 2), pm(row["aurac_a"], 2), pm(row["aurac_b"], 2),
-                 f"{_mean(cpu) / 60:.1f}" if cpu else "-", f"{_mean([m['wall_seconds'] for m in runs]) / 60:.1f}"]
-        lines.append(f"| {title(mode)} | {len(runs)} | " + " | ".join(cells) + " |")
-    lines += ["", "The targets, mean over seeds after both stages (each the worse of the two stages; spread: max - min "
-              "of today's default's top-rank loss over its seeds):", "",
-              "| sampler | no rank worse than the base (highest loss of any rank minus the base's <= 0) | "
-              "rank 4 keeps >= 90 % | "
-              "rank 1 keeps >= 50 % | top-rank loss no more than today's spread above today's (A, B) | "
-              "learns >= 80 % of lora_only's gain on B | forgets no more than lora_only |",
-              "|---|---|---|---|---|---|---|"]
-    today, reference = stats["nested"], stats["lora_only"]
-
-    def check(text, ok):
-        return f"{text}: {'yes' if ok else 'no'}"
-
-    for mode, _, _ in samplers:
-        row = {key: _mean(values) for key, values in stats[mode].items()}
-        spread = {k: max(today[k]) - min(today[k]) for k in ("top_a", "top_b")}
-        moved = {k: row[k] - _mean(today[k]) for k in ("top_a", "top_b")}
-        top = ", ".join(f"{moved[k]:+.4f} (spread {spread[k]:.4f})" for k in ("top_a", "top_b"))
-        forgets = f"{row['forgetting']:.4f} vs {_mean(reference['forgetting']):.4f}"
-        cells = [check(f"{row['above_base']:+.4f}", row["above_base"] <= 0),
-                 check(f"{row['r4']:.2f}", row["r4"] >= 0.9),
-                 check(f"{row['r1']:+.2f}", row["r1"] >= 0.5),
-                 check(top, all(moved[k] <= spread[k] for k in moved)),  # lower is better: one-sided
-                 check(f"{row['gain_b']:.2f}", row["gain_b"] >= 0.8),
-                 check(forgets, row["forgetting"] <= _mean(reference["forgetting"]))]
-        lines.append(f"| {title(mode)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -394,6 +235,8 @@ SECTIONS = [
     ("<!-- conditions:start -->", "<!-- conditions:end -->", conditions_section),
     ("<!-- sweep:start -->", "<!-- sweep:end -->", sweep_section),
     ("<!-- study:start -->", "<!-- study:end -->", study_section),
+    ("<!-- samplers-study:start -->", "<!-- samplers-study:end -->",
+     lambda results, base: study_section(results, base, "study-samplers")),
 ]
 
 
