@@ -177,6 +177,27 @@ def test_gpu_check_dry_run_lists_its_steps():
     assert "-m bench.qlora" in steps[7] and "qlora.csv" in steps[7]
 
 
+def test_gpu_check_splits_into_calls_that_share_one_folder(tmp_path):
+    """--only runs the steps named and keeps an earlier call's rows of the others; the dry run lists those."""
+    gpu_check = str(ROOT / "bench" / "gpu_check")
+    listed = subprocess.run([gpu_check, "--dry-run", "--only", "qlora", "serving"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert [line.split(":")[0] for line in listed] == ["7. serving", "8. qlora"]
+    first = "step,status,exit_code,seconds,limit_s,log\nsuite,ok,0,90,110,logs/suite.log\nreport,failed,1,3,10,logs/report.log\n"
+    (tmp_path / "gpu_check.csv").write_text(first)
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run([gpu_check, "--device", "cpu", "--tiny", "--out-dir", str(tmp_path), "--only", "report"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1  # no suite results in the folder to report
+    rows = read_csv(tmp_path / "gpu_check.csv")
+    assert [(row["step"], row["status"]) for row in rows] == [("suite", "ok"),
+                                                               ("report", "skipped: the suite wrote no results")]
+    for argv, message in ((["--only", "layer"], "--only layer: expected steps of precompile tests suite"),
+                          (["--only", "qlora", "--skip", "serving"], "expected one of the two")):
+        refused = subprocess.run([gpu_check, "--dry-run", *argv], capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr
+
+
 def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("memory step broken on purpose")
@@ -194,7 +215,8 @@ def test_a_failing_step_is_recorded_and_the_others_still_write_their_rows(tmp_pa
 def test_gpu_check_records_a_step_out_of_time_and_exits_nonzero(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "SUITE_LIMIT": "1"}
     run = subprocess.run([str(ROOT / "bench" / "gpu_check"), "--device", "cpu", "--tiny", "--out-dir", str(tmp_path),
-                          "--skip", "compile_counts", "serving", "qlora"], capture_output=True, text=True, env=env, timeout=300)
+                          "--skip", "host_overhead", "compile_counts", "serving", "qlora"], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert run.returncode == 1
     with open(tmp_path / "gpu_check.csv", newline="") as f:
         steps = {row["step"]: row for row in csv.DictReader(f)}
