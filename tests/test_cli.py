@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -122,6 +123,17 @@ def test_resume_keeps_a_finished_run(trained_run, capsys):
     assert exit_info.value.code == 2
     assert "was trained with other settings (lr)" in capsys.readouterr().err
     assert metrics.stat().st_mtime_ns == before
+
+
+def test_resume_keeps_a_run_trained_before_a_setting_existed(trained_run, tmp_path, capsys):
+    """A setting added since (unset: None) is absent from an older run's config.json; that run is kept."""
+    out = tmp_path / "older"
+    shutil.copytree(trained_run, out / trained_run.name)
+    config = json.loads((out / trained_run.name / "config.json").read_text())
+    assert config["train_config"].pop("load_in_4bit") is None
+    (out / trained_run.name / "config.json").write_text(json.dumps(config))
+    assert main(["train", *TINY, "--out", str(out), "--resume", "--no-plots"]) == 0
+    assert "finished earlier, kept" in capsys.readouterr().out
 
 
 def test_compare_writes_a_mean_and_std_table(tmp_path, monkeypatch, capsys):

@@ -77,11 +77,11 @@ def _resume_conflict(specs, out_dir, by_variant):
             continue
         stored = read_json(run_dir / "config.json")
         stored["train_config"].pop("device", None)
-        kept = {"train_config": stored["train_config"], "data": stored["data"]}
-        if kept != _settings(spec):
-            changed = sorted(k for part in ("train_config", "data")
-                             for k in set(kept[part]) | set(_settings(spec)[part])
-                             if kept[part].get(k) != _settings(spec)[part].get(k))
+        kept, wanted = {"train_config": stored["train_config"], "data": stored["data"]}, _settings(spec)
+        # A setting added after the run was trained is absent from its config.json: unset (None) is the same.
+        changed = sorted(k for part in ("train_config", "data") for k in set(kept[part]) | set(wanted[part])
+                         if kept[part].get(k) != wanted[part].get(k))
+        if changed:
             return (f"--resume: {run_dir} was trained with other settings ({', '.join(changed)}); "
                     "drop --resume to retrain it, or choose another --out")
     return None
