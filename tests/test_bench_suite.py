@@ -183,8 +183,8 @@ def test_gpu_check_splits_into_calls_that_share_one_folder(tmp_path):
     listed = subprocess.run([gpu_check, "--dry-run", "--only", "qlora", "serving"], capture_output=True, text=True,
                             check=True).stdout.splitlines()
     assert [line.split(":")[0] for line in listed] == ["7. serving", "8. qlora"]
-    first = "step,status,exit_code,seconds,limit_s,log\nsuite,ok,0,90,110,logs/suite.log\nreport,failed,1,3,10,logs/report.log\n"
-    (tmp_path / "gpu_check.csv").write_text(first)
+    (tmp_path / "gpu_check.csv").write_text("step,status,exit_code,seconds,limit_s,log\n"
+                                            "suite,ok,0,90,110,logs/suite.log\nreport,failed,1,3,10,logs/report.log\n")
     env = {**os.environ, "PYTHON": sys.executable}
     run = subprocess.run([gpu_check, "--device", "cpu", "--tiny", "--out-dir", str(tmp_path), "--only", "report"],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -121,8 +121,8 @@ def add_training(parser, variant_flag):
                     help="rank per step: off, frozen (official DyLoRA: one component learns), full (all up to a "
                          "rank drawn uniformly from 1..r), nested (all up to a rank drawn from r, r/2, r/4), "
                          "log-uniform (all up to a rank drawn from 1..r, each octave equally often), multi-rank "
-                         "(the mean loss at ranks 1, 2, 4, ..., r every step), doubling (all up to a rank drawn from 1, 2, 4, "
-                         "..., r, r at one step in three); "
+                         "(the mean loss at ranks 1, 2, 4, ..., r every step), doubling (all up to a rank drawn "
+                         "from 1, 2, 4, ..., r, r at one step in three); "
                          f"default: the variant's; {default('dylora')} when on")
     hp.add_argument("--rank-schedule", nargs="*", type=int, default=None, metavar="RANK",
                     help="rank per epoch of each later stage (default: the variant's; r_max halved each epoch "

@@ -27,8 +27,8 @@ def build_parser():
     compare.add_argument("--study", choices=tuple(PLANS), default=None,
                          help="run the continual study instead of --variants: the method, baselines, their lambda "
                               "sweeps and ablations over embedded A, B, C in two orders and 3 seeds (full), or "
-                              "its main arms on one order and seed (quick), or the --dylora rank samplers on quick's order "
-                              "over 3 seeds (samplers); see hybrid_lora/experiments/study.py")
+                              "its main arms on one order and seed (quick), or the --dylora rank samplers on "
+                              "quick's order over 3 seeds (samplers); see hybrid_lora/experiments/study.py")
     compare.add_argument("--jobs", type=positive_int, default=1,
                          help="with --study: runs at once on this machine, each its own process (default: "
                               "%(default)s; on a CPU each gets --threads or its share of the cores)")

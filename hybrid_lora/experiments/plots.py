@@ -199,7 +199,8 @@ def plot_tradeoff(points, path, echo=print, xlabel="forgetting of the earlier do
     from matplotlib import colormaps
 
     colours = colormaps["tab20"]  # more methods than the default cycle's ten colours
-    markers = {"method": "*", "baseline": "o", "reference": "s", "bound": "D", "sweep": "v", "ablation": "^", "sampler": "P"}
+    markers = {"method": "*", "baseline": "o", "reference": "s", "bound": "D", "sweep": "v", "ablation": "^",
+               "sampler": "P"}
     fig = _figure(7.2, 5.0)
     ax = fig.subplots()
     families = {}

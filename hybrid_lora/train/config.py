@@ -46,7 +46,8 @@ class TrainConfig:
     #                               that stores old data, unlike the method); 0 turns it off
     dc_mode: str = "delta"  # L_DC over the update matrices ("delta") or the rank-aligned factors ("weights")
     dylora: str = "nested"  # rank per step: "off", "frozen" (official DyLoRA), "full" (uniform 1..r), "nested"
-    #                         (r, r/2, r/4), "log-uniform" (1..r), "multi-rank" (1, 2, 4, ..., r), "doubling" (one of 1, 2, 4, ..., r): see dynamic_rank
+    #                         (r, r/2, r/4), "log-uniform" (1..r), "multi-rank" (1, 2, 4, ..., r), "doubling"
+    #                         (one of 1, 2, 4, ..., r): see dynamic_rank
     rank_schedule: tuple = None  # rank per epoch of every stage after the first; () keeps r_max; None halves
     #                              r_max each epoch: (64, 32, 16) for the defaults, the original's schedule
     reset_optimizer_on_rank_change: bool = False  # drop AdamW's moments at a rank cut instead of keeping them
