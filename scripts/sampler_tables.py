@@ -139,4 +139,32 @@ def ranks_section(results, base):
                  check(f"{row['gain_b']:.2f}", row["gain_b"] >= 0.8),
                  check(forgets, row["forgetting"] <= _mean(reference["forgetting"]))]
         lines.append(f"| {title(mode)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ceiling_lines(results, samplers))
+
+
+def ceiling_lines(results, samplers):
+    """What an adapter trained at rank k alone reaches (results/rank-ceiling/r-<k>), against each sampler's rank-k
+    prefix: the most a nested adapter's rank k could keep of the full-rank gain."""
+    ceilings = sorted((int(p.parent.parent.name.split("-")[1]), load(p))
+                      for p in Path(results).glob("rank-ceiling/r-*/seed-*/metrics.json"))
+    if not ceilings:
+        return []
+    lines = ["", "The most rank k can keep: an adapter trained at rank k alone (`--r-max k --rank-schedule --dylora "
+             "off`, seed 42, `results/rank-ceiling/r-k`), its loss and, in brackets, its gain over the base as a "
+             "share of the default's at its final rank (mean over the default's seeds), next to each sampler's "
+             "rank-k prefix (mean over its seeds):", "",
+             "| rank k | after | trained alone | " + " | ".join(f"`{mode}` prefix" for mode, _, _ in samplers) + " |",
+             "|---|---|---|" + "---|" * len(samplers)]
+    default = next(runs for mode, _, runs in samplers if mode == TrainConfig.dylora)
+    for k, alone in ceilings:
+        for stage, where in ((0, "Stage 1, on A"), (1, "Stage 2, on B")):
+            base = alone["initial"][stage]["loss"]
+            full = _mean([m["loss"][stage][stage] for m in default])
+            loss = alone["loss"][stage][stage]
+            prefixes = []
+            for _, _, runs in samplers:
+                at_k = [c["loss"][c["ranks"].index(k)] for c in (_curves(m)[stage] for m in runs) if k in c["ranks"]]
+                prefixes.append(f"{_mean(at_k):.3f}" if at_k else "-")
+            lines.append(f"| {k} | {where} | {loss:.3f} ({(base - loss) / (base - full):+.2f}) | "
+                         + " | ".join(prefixes) + " |")
+    return lines
