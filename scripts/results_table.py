@@ -203,9 +203,9 @@ def sweep_section(results, base):
     return "\n".join(lines)
 
 
-def study_section(results, base, folder="study"):
-    """A study's tables, made again from its runs' metrics.json (``hybrid_lora.experiments.study``), and the CPU
-    time of it and of its quick form (``<folder>-quick``) where committed."""
+def study_section(results, base, folder="study", matrices=True):
+    """A study's tables (with `matrices`, its mean R matrices too), made again from its runs' metrics.json
+    (``hybrid_lora.experiments.study``), and the CPU time of it and of its quick form (``<folder>-quick``)."""
     root = Path(results) / folder
     if not (root / "study.json").is_file():
         return "No study committed."
@@ -215,7 +215,7 @@ def study_section(results, base, folder="study"):
     finished = sum((run.folder(root) / "metrics.json").is_file() for run in study.runs(plan, root))
     lines = [f"From `{label(root)}`: {finished} runs, {plan.train_examples} training and "
              f"{plan.eval_examples} eval examples per domain, seeds {', '.join(map(str, plan.seeds))}; "
-             "mean ± sample standard deviation over seeds.", "", study.markdown(plan, table)]
+             "mean ± sample standard deviation over seeds.", "", study.markdown(plan, table, matrices)]
     for where in (folder, f"{folder}-quick"):
         path = Path(results) / where / "cpu-time.txt"
         if path.is_file():
@@ -236,7 +236,7 @@ SECTIONS = [
     ("<!-- sweep:start -->", "<!-- sweep:end -->", sweep_section),
     ("<!-- study:start -->", "<!-- study:end -->", study_section),
     ("<!-- samplers-study:start -->", "<!-- samplers-study:end -->",
-     lambda results, base: study_section(results, base, "study-samplers")),
+     lambda results, base: study_section(results, base, "study-samplers", matrices=False)),
 ]
 
 

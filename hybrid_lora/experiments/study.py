@@ -258,8 +258,8 @@ def summarise(plan, matrices, curves=None):
     return table
 
 
-def markdown(plan, table):
-    """The study's tables: scores per order, then the mean R matrix of every arm."""
+def markdown(plan, table, matrices=True):
+    """The study's tables: scores per order, then (with `matrices`) the mean R matrix of every arm."""
     lines = []
     for order in plan.orders:
         arms = [arm for arm in plan.arms if order in table.get(arm.name, {})]
@@ -276,7 +276,7 @@ def markdown(plan, table):
             lines.append(f"| {arm.name} | {arm.role} | `--variant {arm.variant}` {settings} | {len(row['seeds'])} | "
                          + " | ".join(cell(row.get(key, empty)) for key in SCORES + CURVE_SCORES) + " |")
         lines.append("")
-    for order in plan.orders:
+    for order in plan.orders if matrices else ():
         for arm in plan.arms:
             row = table.get(arm.name, {}).get(order)
             if row is None or not arm.every_order:
