@@ -1,5 +1,6 @@
-"""The docs' tables of the rank samplers (``--dylora``): the rank-quality curve of each on the embedded
-default, what each gives and which of the default's targets it meets, and the samplers study.
+"""The docs' tables of the rank samplers (``--dylora``) on the embedded default: the rank-quality curve of
+each, what each gives, which of the default's targets it meets, and the most an adapter trained at rank k
+alone keeps (the rank ceiling).
 
 Imported by results_table.py, which writes them between their markers.
 """
