@@ -155,12 +155,12 @@ def real_graphs(counter):
 
 
 # Inductor (the default) once: on GPT-2, on the Triton path (the default path: Inductor around the op's custom
-# ops), without the cut; its C++ code generation takes many seconds a graph on a CPU.
+# ops), without the cut; its C++ code generation takes many seconds a graph on a CPU. Llama on the Triton path
+# compiles in test_accelerate_training (fullgraph, with dropout); here Llama's layout runs on the PyTorch path.
 @pytest.mark.parametrize("model_name, path, compile_backend", [
     ("gpt2", "torch", "aot_eager"),
     pytest.param("gpt2", "triton", "aot_eager", marks=pytest.mark.slow),
     pytest.param("llama", "torch", "aot_eager", marks=pytest.mark.slow),
-    pytest.param("llama", "triton", "aot_eager", marks=pytest.mark.slow),
     pytest.param("gpt2", "triton", "inductor", marks=pytest.mark.slow),
 ])
 def test_one_graph_for_every_rank_and_seed_and_one_more_after_a_rank_cut(model_name, path, compile_backend, request,
