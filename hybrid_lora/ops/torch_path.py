@@ -82,21 +82,30 @@ def _snapshot(rank, scale, row_offset):
     return rank, scale, row_offset
 
 
-def composite(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
-    """The forward of ``TorchPath`` for bf16, fp32 and fp64 x, differentiated by autograd itself."""
+def _forward(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset):
+    """y and what TorchPath's backward keeps: (y, dropout(x), c, s_down, keep mask or None)."""
     dtype = x.dtype
     rank, scale, row_offset = _snapshot(rank, scale, row_offset)
+    # c in B's dtype: a 0-d scale does not promote it.
     coef = torch.lt(torch.arange(lora_a.shape[1], device=rank.device), rank).to(lora_b.dtype) * scale
     b_scaled = lora_b * coef.unsqueeze(1)
+    a = lora_a
     if b_scaled.dtype != dtype:  # a .to() that changes nothing is still a dispatch
-        lora_a, b_scaled = lora_a.to(dtype), b_scaled.to(dtype)
+        a, b_scaled = lora_a.to(dtype), b_scaled.to(dtype)
+    keep = None
     if dropout_p > 0.0:
         keep = philox.keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
-        s_down = torch.mm(reference.dropout_input(x, keep, dropout_p), lora_a)
+        x_dropped = reference.dropout_input(x, keep, dropout_p)
     else:
-        s_down = torch.mm(x, lora_a)
+        x_dropped = x
+    s_down = torch.mm(x_dropped, a)
     y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
-    return torch.addmm(y, s_down, b_scaled)
+    return torch.addmm(y, s_down, b_scaled), x_dropped, coef, s_down, keep
+
+
+def composite(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
+    """The forward of ``TorchPath`` for bf16, fp32 and fp64 x, differentiated by autograd itself."""
+    return _forward(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset)[0]
 
 
 def torch_path_op(dtype):
@@ -109,25 +118,11 @@ class TorchPath(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p, row_offset=None):
-        dtype = x.dtype
-        rank, scale, row_offset = _snapshot(rank, scale, row_offset)
-        # c in B's dtype: a 0-d scale does not promote it.
-        coef = torch.lt(torch.arange(lora_a.shape[1], device=rank.device), rank).to(lora_b.dtype) * scale
-        b_scaled = lora_b * coef.unsqueeze(1)
-        a = lora_a
-        if b_scaled.dtype != dtype:  # a .to() that changes nothing is still a dispatch
-            a, b_scaled = lora_a.to(dtype), b_scaled.to(dtype)
-        keep = None
-        if dropout_p > 0.0:
-            keep = philox.keep_mask(seed, *x.shape, dropout_p, 0 if row_offset is None else row_offset)
-            x_dropped = reference.dropout_input(x, keep, dropout_p)
-        else:
-            x_dropped = x
-        s_down = torch.mm(x_dropped, a)
-        y = torch.addmm(bias, x, weight) if bias is not None else torch.mm(x, weight)
+        y, x_dropped, coef, s_down, keep = _forward(x, weight, bias, lora_a, lora_b, rank, scale, seed, dropout_p,
+                                                    row_offset)
         ctx.save_for_backward(x_dropped, weight, lora_a, lora_b, coef, s_down, keep)
         ctx.dropout_p = dropout_p
-        return torch.addmm(y, s_down, b_scaled)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
