@@ -16,6 +16,7 @@ from test_fused_lora import reference_outputs  # noqa: E402
 from test_qlora_op import make_inputs, quantized_weight  # noqa: E402
 from test_rank_between_passes import (IN, OUT, R_MAX, RANKS, assert_gradients_equal, gradients,  # noqa: E402
                                       inputs, loss_at)
+from test_rank_between_passes import separate_gradients as separate_gradients_of  # noqa: E402
 from test_strided_inputs import strided  # noqa: E402
 
 from hybrid_lora.kernels.dropout import dropout_keep_mask  # noqa: E402
@@ -66,13 +67,10 @@ def make_layer(dropout):
 
 
 def separate_gradients(dropout):
-    """Gradients of the losses at ranks 8 and 3, each with its own backward right after its forward."""
+    """Gradients of the losses at ranks 8 and 3 on the 4-bit layer, each with its own backward right after its
+    forward."""
     x, targets = inputs()
-    layer = make_layer(dropout)
-    x_sep = x.clone().requires_grad_()
-    for step, (rank, target) in enumerate(zip(RANKS, targets)):
-        loss_at(layer, x_sep, target, rank, step).backward()
-    want = gradients(layer, x_sep)
+    want = separate_gradients_of(dropout, x, targets, make=make_layer)
     # Rank 8 reached every component, so the sum is not rank 3's gradient alone.
     assert want[1][:, 3:].abs().max() > 0.1
     return x, targets, want

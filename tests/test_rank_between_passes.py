@@ -44,9 +44,10 @@ def gradients(layer, x):
     return [t.grad.clone() for t in (x, layer.lora_a, layer.lora_b)]
 
 
-def separate_gradients(dropout, x, targets):
-    """(dx, dA, dB) of one backward per rank, each right after its own forward."""
-    layer = make_layer(dropout)
+def separate_gradients(dropout, x, targets, make=None):
+    """(dx, dA, dB) of one backward per rank, each right after its own forward; make(dropout): the layer
+    (this file's make_layer by default)."""
+    layer = (make or make_layer)(dropout)
     x_sep = x.clone().requires_grad_()
     for step, (rank, target) in enumerate(zip(RANKS, targets)):
         loss_at(layer, x_sep, target, rank, step).backward()
