@@ -35,21 +35,16 @@ def _mean(values):
     return mean_std(values)["mean"]
 
 
-def _curves(metrics):
-    return rank_curves(metrics)
+def _at_rank(curves, stage, r, key):
+    """curve[key] at rank r after `stage`, for each run's curves (``rank_curves``) that swept r."""
+    return [cs[stage][key][cs[stage]["ranks"].index(r)] for cs in curves if r in cs[stage]["ranks"]]
 
 
-def _rank_cells(runs, stage):
+def _rank_cells(curves, stage):
     """Mean over seeds of the loss and gain kept at TABLE_RANKS after `stage`, as 'loss (gain)' cells."""
     cells = []
     for r in TABLE_RANKS:
-        losses, gains = [], []
-        for metrics in runs:
-            curve = _curves(metrics)[stage]
-            if r in curve["ranks"]:
-                i = curve["ranks"].index(r)
-                losses.append(curve["loss"][i])
-                gains.append(curve["loss_gain_kept"][i])
+        losses, gains = _at_rank(curves, stage, r, "loss"), _at_rank(curves, stage, r, "loss_gain_kept")
         cells.append(f"{_mean(losses):.3f} ({_mean(gains):+.2f})" if losses else "-")
     return cells
 
@@ -67,6 +62,8 @@ def ranks_section(results, base):
     def title(mode):
         return f"`{mode}` (default)" if mode == default else f"`{mode}`"
 
+    curves_of = {mode: [rank_curves(m) for m in runs] for mode, _, runs in [*samplers, ("lora_only", None, lora_only)]}
+
     lines = ["Eval loss at each rank, mean over seeds, with its gain kept in brackets "
              "((base - at rank r) / (base - at the stage's final rank)); the base model scores "
              f"{initial[0]['loss']:.3f} on A and {initial[1]['loss']:.3f} on B:", "",
@@ -74,7 +71,8 @@ def ranks_section(results, base):
              "|---|---|---|" + "---|" * len(TABLE_RANKS)]
     for mode, folder, runs in [*samplers, ("lora_only", None, lora_only)]:
         for stage, where in ((0, "Stage 1, on A"), (1, "Stage 2, on B")):
-            lines.append(f"| {title(mode)} | {len(runs)} | {where} | " + " | ".join(_rank_cells(runs, stage)) + " |")
+            lines.append(f"| {title(mode)} | {len(runs)} | {where} | "
+                         + " | ".join(_rank_cells(curves_of[mode], stage)) + " |")
     lines += ["", "What each sampler gives, mean ± std over seeds (gain on B: accuracy after Stage 2 minus the "
               "base's, "
               "as a share of lora_only's; forgetting: accuracy on A lost in Stage 2; worst rank: the lowest gain "
@@ -101,7 +99,7 @@ def ranks_section(results, base):
         timed = folder if folder and folder.parent.name != "compare" else Path(results) / "default" / (
             "hybrid" if mode == "nested" else mode)
         cpu = [cpu_seconds(p) for p in sorted(timed.glob("cpu-time*.txt"))]
-        curves = [_curves(m) for m in runs]
+        curves = curves_of[mode]
         row = stats[mode] = {
             "top_a": [m["loss"][0][0] for m in runs], "top_b": [m["loss"][1][1] for m in runs],
             "gain_b": [gain_b(m) / reference_gain for m in runs], "forgetting": [forgetting(m) for m in runs],
@@ -140,12 +138,13 @@ def ranks_section(results, base):
                  check(f"{row['gain_b']:.2f}", row["gain_b"] >= 0.8),
                  check(forgets, row["forgetting"] <= _mean(reference["forgetting"]))]
         lines.append(f"| {title(mode)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ceiling_lines(results, samplers))
+    return "\n".join(lines + ceiling_lines(results, samplers, curves_of))
 
 
-def ceiling_lines(results, samplers):
+def ceiling_lines(results, samplers, curves_of):
     """What an adapter trained at rank k alone reaches (results/rank-ceiling/r-<k>), against each sampler's rank-k
-    prefix: the most a nested adapter's rank k could keep of the full-rank gain."""
+    prefix: the most a nested adapter's rank k could keep of the full-rank gain. curves_of: {mode: each run's
+    ``rank_curves``}."""
     ceilings = sorted((int(p.parent.parent.name.split("-")[1]), load(p))
                       for p in Path(results).glob("rank-ceiling/r-*/seed-*/metrics.json"))
     if not ceilings:
@@ -163,8 +162,8 @@ def ceiling_lines(results, samplers):
             full = _mean([m["loss"][stage][stage] for m in default])
             loss = alone["loss"][stage][stage]
             prefixes = []
-            for _, _, runs in samplers:
-                at_k = [c["loss"][c["ranks"].index(k)] for c in (_curves(m)[stage] for m in runs) if k in c["ranks"]]
+            for mode, _, _ in samplers:
+                at_k = _at_rank(curves_of[mode], stage, k, "loss")
                 prefixes.append(f"{_mean(at_k):.3f}" if at_k else "-")
             lines.append(f"| {k} | {where} | {loss:.3f} ({(base - loss) / (base - full):+.2f}) | "
                          + " | ".join(prefixes) + " |")
